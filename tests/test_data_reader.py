@@ -1,0 +1,133 @@
+"""The streaming reader: rejects, damaged shards, URL forms, and reading without the whole shard."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitlens.data.geometry import EvalGeometry
+from vitlens.data.reader import iter_shard_batches
+from vitlens.data.sample_format import EncodedSample, SampleMeta, encode_mask, encode_png
+from vitlens.data.shard_writer import ShardWriter
+from vitlens.errors import UserError
+
+GEOMETRY = EvalGeometry(
+    input_size=(32, 32), crop_pct=1.0, crop_mode="center", interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+)
+
+
+def _sample(i: int, size: int = 32, mask_size: int | None = None) -> EncodedSample:
+    """Noise image (incompressible PNG) with the left half of the mask = class id 1."""
+    rng = np.random.default_rng(i)
+    ids = np.zeros((mask_size or size, mask_size or size), dtype=np.int64)
+    ids[:, : ids.shape[1] // 2] = 1
+    meta = SampleMeta(i % 3, 1, f"class{i % 3}", None, None, "test", "validation", "test")
+    image = encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return EncodedSample(f"sample{i:03d}", "image.png", image, encode_mask(ids), meta)
+
+
+def _write_shard(directory: Path, samples: list[EncodedSample]) -> Path:
+    with ShardWriter(directory, "test", "validation", shard_size=len(samples)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return directory / writer.shards[0].name
+
+
+def _append_raw(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """Rewrite a shard with extra raw members appended (to craft broken samples)."""
+    with tarfile.open(path) as tar:
+        existing = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for info, data in existing:
+            tar.addfile(info, io.BytesIO(data))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_reported_and_skipped(tmp_path: Path) -> None:
+    good = [_sample(i) for i in range(3)]
+    mismatched = _sample(3, size=32, mask_size=16)
+    path = _write_shard(tmp_path, [good[0], mismatched, good[1]])
+    broken_image = _sample(4).members()
+    broken_image[0] = (broken_image[0][0], b"garbage")
+    no_meta = _sample(5).members()[:2]
+    bad_meta = _sample(6).members()
+    bad_meta[2] = (bad_meta[2][0], b"{not json")
+    _append_raw(path, broken_image + no_meta + bad_meta + good[2].members())
+
+    rejects: list[tuple[str, str, str]] = []
+    batches = list(iter_shard_batches(str(path), GEOMETRY, 2, 8, 1, on_reject=lambda *r: rejects.append(r)))
+    assert [b.keys for b in batches] == [["sample000", "sample001"], ["sample002"]]
+    assert [(shard, key) for shard, key, _ in rejects] == [
+        (str(path), "sample003"), (str(path), "sample004"), (str(path), "sample005"), (str(path), "sample006"),
+    ]
+    reasons = [reason for _, _, reason in rejects]
+    assert "mask is 16x16 but image is 32x32" in reasons[0]
+    assert "UnidentifiedImageError" in reasons[1]
+    assert "meta.json" in reasons[2]
+    assert "JSONDecodeError" in reasons[3]
+    # Labels of a good sample: left half class (id 1), right half context; 8-px patches.
+    expected = [3] + [1, 1, 0, 0] * 4
+    assert batches[0].token_label[0].tolist() == expected
+    assert batches[0].class_index.tolist() == [0, 1]
+
+
+def test_default_reject_handler_warns(tmp_path: Path) -> None:
+    path = _write_shard(tmp_path, [_sample(0, mask_size=16)])
+    with pytest.warns(UserWarning, match="sample000"):
+        assert list(iter_shard_batches(str(path), GEOMETRY, 2, 8, 1)) == []
+
+
+def test_truncated_shard_keeps_what_was_read(tmp_path: Path) -> None:
+    path = _write_shard(tmp_path, [_sample(i) for i in range(6)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    rejects: list[tuple[str, str, str]] = []
+    keys = [k for b in iter_shard_batches(str(path), GEOMETRY, 1, 8, 0, on_reject=lambda *r: rejects.append(r)) for k in b.keys]
+    assert keys == [f"sample{i:03d}" for i in range(len(keys))] and 1 <= len(keys) < 6
+    assert len(rejects) == 1 and rejects[0][1] == "*" and "unreadable" in rejects[0][2]
+
+
+def test_url_forms(tmp_path: Path) -> None:
+    path = _write_shard(tmp_path, [_sample(i) for i in range(3)])
+    expected = [["sample000", "sample001", "sample002"]]
+    for url in (str(path), f"file:{path}", f"pipe:cat {path}"):
+        assert [b.keys for b in iter_shard_batches(url, GEOMETRY, 8, 8, 1)] == expected
+    with pytest.raises(UserError, match="missing.tar"):
+        list(iter_shard_batches(str(tmp_path / "missing.tar"), GEOMETRY, 8, 8, 1))
+
+
+def test_streams_without_waiting_for_the_whole_shard(tmp_path: Path) -> None:
+    """The first batch arrives while the rest of the shard has not been written yet."""
+    data = _write_shard(tmp_path, [_sample(i) for i in range(12)]).read_bytes()  # ~3.3 kB / sample
+    fifo = tmp_path / "stream.tar"
+    os.mkfifo(fifo)
+    rest_written = threading.Event()
+    release = threading.Event()
+
+    def feed() -> None:
+        with open(fifo, "wb") as stream:
+            stream.write(data[: len(data) // 2 + 10240])  # about half, plus one tar read block
+            stream.flush()
+            release.wait(timeout=10)
+            stream.write(data[len(data) // 2 + 10240 :])
+            rest_written.set()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    batches = iter_shard_batches(str(fifo), GEOMETRY, 2, 8, 1)
+    first = next(batches)
+    assert not rest_written.is_set()
+    release.set()
+    assert first.keys == ["sample000", "sample001"]
+    assert sum(len(b.keys) for b in batches) == 10
+    feeder.join(timeout=10)

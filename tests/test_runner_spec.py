@@ -1,0 +1,71 @@
+"""Job spec validation: good specs load, every mistake names the key or file."""
+
+from pathlib import Path
+
+import pytest
+
+from vitlens.errors import UserError
+from vitlens.runner.spec import load_job_spec
+
+GOOD = """
+name = "t"
+output = "out"
+variants = ["a", "b@random"]
+experiments = ["baseline", "attn_self_only"]
+batch_size = 8
+[data]
+manifest = "shards/manifest.json"
+[resources]
+device = "cpu"
+cpus_per_actor = 1
+max_actors = 2
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_spec_resolves_paths_against_its_folder(tmp_path: Path) -> None:
+    spec = load_job_spec(write(tmp_path, GOOD))
+    assert spec.variants == ("a", "b@random")
+    assert spec.experiments == ("baseline", "attn_self_only")
+    assert spec.batch_size == 8
+    assert spec.output == str((tmp_path / "out").resolve())
+    assert spec.data.manifest == str((tmp_path / "shards/manifest.json").resolve())
+    assert spec.resources.max_actors == 2
+
+
+def test_urls_are_not_resolved(tmp_path: Path) -> None:
+    text = GOOD.replace('manifest = "shards/manifest.json"', 'shards = ["https://x/a-000000.tar", "/abs/b.tar"]')
+    spec = load_job_spec(write(tmp_path, text))
+    assert spec.data.shards == ("https://x/a-000000.tar", "/abs/b.tar")
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (("batch_size = 8", "batch_size = 8\ncolour = 3"), "colour"),
+        (('name = "t"\n', ""), "'name'"),
+        (("batch_size = 8", 'batch_size = "8"'), "batch_size"),
+        (('"attn_self_only"]', '"attn_self_only", "nope"]'), "nope"),
+        (('device = "cpu"', 'device = "tpu"'), "resources.device"),
+        (("max_actors = 2", "max_actors = 2\ngpus = 1"), "gpus"),
+        (('manifest = "shards/manifest.json"', 'manifest = "m.json"\nshards = ["a.tar"]'), "exactly one"),
+        (('variants = ["a", "b@random"]', "variants = []"), "variants"),
+        (("name", "name = ["), "TOML"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path: Path, edit: tuple[str, str], fragment: str) -> None:
+    old, new = edit
+    text = GOOD.replace(old, new, 1)
+    assert text != GOOD
+    with pytest.raises(UserError, match=fragment):
+        load_job_spec(write(tmp_path, text))
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_job_spec(tmp_path / "nope.toml")

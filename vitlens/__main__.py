@@ -1,0 +1,7 @@
+"""`python -m vitlens ...` is the `vitlens` command."""
+
+import sys
+
+from vitlens.cli import main
+
+sys.exit(main())

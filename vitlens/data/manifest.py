@@ -1,0 +1,125 @@
+"""`manifest.json`: the list of a data set split's shards, their sizes and checksums.
+
+```
+{"format_version": 1, "dataset": str, "split": str, "num_classes": int,
+ "class_names": [str, ...],            # index = class_index of the samples
+ "shards": [{"name": str, "samples": int, "sha256": str}, ...],
+ "rejects": [{"path": str, "reason": str}, ...],
+ "created_by": {"command": str, "vitlens": str, "options": {...}}}
+```
+The manifest lies in the same directory as its shards; shard names are relative to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitlens.errors import UserError
+
+MANIFEST_NAME: str = "manifest.json"
+MANIFEST_FORMAT_VERSION: int = 1
+_REQUIRED_KEYS: tuple[str, ...] = (
+    "format_version", "dataset", "split", "num_classes", "class_names", "shards"
+)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a manifest."""
+
+    name: str
+    samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A source file that was not converted, and why."""
+
+    path: str
+    reason: str
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    out_dir: Path,
+    dataset: str,
+    split: str,
+    class_names: list[str],
+    shards: list[ShardEntry],
+    rejects: list[Reject],
+    created_by: dict[str, Any],
+) -> Path:
+    """Write `out_dir/manifest.json` (deterministic: sorted keys, no timestamps)."""
+    manifest = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "shards": [{"name": s.name, "samples": s.samples, "sha256": s.sha256} for s in shards],
+        "rejects": [{"path": r.path, "reason": r.reason} for r in rejects],
+        "created_by": created_by,
+    }
+    path = Path(out_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
+def _manifest_path(manifest_or_dir: str | Path) -> Path:
+    path = Path(manifest_or_dir)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def read_manifest(manifest_or_dir: str | Path) -> dict[str, Any]:
+    """Read and check a manifest (the file, or the directory holding `manifest.json`)."""
+    path = _manifest_path(manifest_or_dir)
+    if not path.is_file():
+        raise UserError(f"no shard manifest at {path}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"unreadable shard manifest {path}: {err}") from err
+    if not isinstance(manifest, dict):
+        raise UserError(f"shard manifest {path} is not a JSON object")
+    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise UserError(f"shard manifest {path} lacks key(s): {', '.join(missing)}")
+    if manifest["format_version"] != MANIFEST_FORMAT_VERSION:
+        raise UserError(
+            f"shard manifest {path} has format_version {manifest['format_version']}; "
+            f"this vitlens reads {MANIFEST_FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def shard_urls(manifest_or_dir: str | Path) -> list[str]:
+    """Absolute paths of a manifest's shards, in manifest order."""
+    path = _manifest_path(manifest_or_dir)
+    manifest = read_manifest(path)
+    return [str((path.parent / shard["name"]).resolve()) for shard in manifest["shards"]]
+
+
+def verify_shards(manifest_or_dir: str | Path) -> list[str]:
+    """Check every shard of a manifest exists with its recorded sha256; returns the problems."""
+    path = _manifest_path(manifest_or_dir)
+    problems = []
+    for shard in read_manifest(path)["shards"]:
+        shard_path = path.parent / shard["name"]
+        if not shard_path.is_file():
+            problems.append(f"{shard_path}: missing")
+        elif file_sha256(shard_path) != shard["sha256"]:
+            problems.append(f"{shard_path}: sha256 differs from the manifest")
+    return problems

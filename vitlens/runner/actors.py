@@ -1,0 +1,55 @@
+"""The Ray actor: one model variant on one device, loaded once, fed whole shards.
+
+The actor only wraps `ShardProcessor` (which reads, analyses and writes a shard without
+knowing about Ray); restarts and retries are Ray's, scheduling is the driver's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from vitlens.runner.spec import JobSpec
+
+#: Test hook: path of a flag file. The first actor that finishes a batch while the file
+#: does not exist creates it and dies on the spot (os._exit), simulating a lost node.
+INJECT_DEATH_ENV = "VITLENS_INJECT_ACTOR_DEATH"
+
+
+class ShardActor:
+    """Holds one loaded variant; `process(shard)` analyses one shard with every experiment."""
+
+    def __init__(self, variant: str, job: JobSpec, device: str, num_threads: int) -> None:
+        import torch
+
+        from vitlens.runner.shard_job import ShardProcessor
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        started = time.perf_counter()
+        self.processor = ShardProcessor(variant=variant, job=job, device=device)
+        self.load_seconds = time.perf_counter() - started
+
+    def info(self) -> dict[str, Any]:
+        """Where the actor runs and how long loading its variant took."""
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "load_seconds": self.load_seconds}
+
+    def process(self, shard_url: str, stem: str) -> dict[str, Any]:
+        """Analyse one shard; returns its statistics (rows, images, rejects, seconds)."""
+        return self.processor.process(shard_url, stem, on_batch=_maybe_die)
+
+
+def _maybe_die(batch_index: int) -> None:
+    flag = os.environ.get(INJECT_DEATH_ENV)
+    if flag and batch_index >= 1 and not Path(flag).exists():
+        Path(flag).write_text(str(os.getpid()))
+        os._exit(1)
+
+
+def actor_class(max_restarts: int, max_task_retries: int) -> Any:
+    """The Ray actor class with the job's fault-tolerance options."""
+    return ray.remote(max_restarts=max_restarts, max_task_retries=max_task_retries)(ShardActor)

@@ -1,0 +1,88 @@
+"""What a job still has to do, and which variant an idle actor slot should serve next.
+
+Pure bookkeeping (no Ray, no models): the driver asks this queue for work and reports
+results back, so the scheduling policy is testable on its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vitlens.store.layout import is_done, shard_stem
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One shard to analyse with one variant (every experiment of the job)."""
+
+    variant: str
+    shard_url: str
+    stem: str
+    attempt: int = 1
+
+
+@dataclass
+class WorkQueue:
+    """Per-variant queues of shards, with retry counting and the skip of done shards."""
+
+    max_attempts: int
+    pending: dict[str, deque[WorkItem]] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    failed: list[tuple[WorkItem, str]] = field(default_factory=list)
+    skipped: list[WorkItem] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, output_root: str, variants: tuple[str, ...], shard_urls: list[str], max_attempts: int) -> "WorkQueue":
+        """Queue every (variant, shard) whose done-marker is missing; remember the skipped."""
+        queue = cls(max_attempts=max_attempts)
+        for variant in variants:
+            queue.pending[variant] = deque()
+            queue.in_flight[variant] = 0
+            for url in shard_urls:
+                item = WorkItem(variant=variant, shard_url=url, stem=shard_stem(url))
+                if is_done(output_root, variant, item.stem):
+                    queue.skipped.append(item)
+                else:
+                    queue.pending[variant].append(item)
+        return queue
+
+    def total(self) -> int:
+        """Items still pending or running."""
+        return sum(len(q) for q in self.pending.values()) + sum(self.in_flight.values())
+
+    def has_pending(self, variant: str) -> bool:
+        """Whether `variant` still has shards nobody has taken."""
+        return bool(self.pending.get(variant))
+
+    def next_variant(self, serving: dict[str, int]) -> str | None:
+        """The variant a free actor slot should load: most pending shards per actor serving it."""
+        best, best_load = None, -1.0
+        for variant, items in self.pending.items():
+            if not items:
+                continue
+            load = len(items) / (serving.get(variant, 0) + 1)
+            if load > best_load:
+                best, best_load = variant, load
+        return best
+
+    def take(self, variant: str) -> WorkItem | None:
+        """Hand out the next shard of `variant`, or None when it has none left."""
+        if not self.pending.get(variant):
+            return None
+        self.in_flight[variant] += 1
+        return self.pending[variant].popleft()
+
+    def finished(self, item: WorkItem) -> None:
+        """Record a shard as written (its done-marker exists)."""
+        self.in_flight[item.variant] -= 1
+
+    def retry_or_fail(self, item: WorkItem, reason: str) -> bool:
+        """Requeue a failed shard until `max_attempts`; returns True when it was requeued."""
+        self.in_flight[item.variant] -= 1
+        if item.attempt < self.max_attempts:
+            retry = WorkItem(item.variant, item.shard_url, item.stem, item.attempt + 1)
+            self.pending[item.variant].appendleft(retry)
+            return True
+        self.failed.append((item, reason))
+        return False

@@ -1,0 +1,202 @@
+"""Analyse one shard with one loaded variant under every experiment of a job (no Ray here).
+
+`ShardProcessor` reads the shard once; each batch goes through every experiment's lens
+run, the results become `tokens`/`images` rows (vitlens.store.records) streamed into
+staged files, and only when every file of the shard is complete are they renamed into
+place and the done-marker written. A crash at any point leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+
+from vitlens.data.geometry import EvalGeometry
+from vitlens.data.manifest import shard_urls
+from vitlens.data.reader import iter_shard_batches
+from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
+from vitlens.errors import UserError
+from vitlens.lens import Lens, token_keep_from_labels
+from vitlens.lens.memories import SUBLAYERS, value_vectors
+from vitlens.metrics.sublayers import class_value_agreement
+from vitlens.models.registry import load_variant
+from vitlens.runner.spec import DataSpec, JobSpec
+from vitlens.store.layout import (
+    NO_EXPERIMENT,
+    StagedParquetWriter,
+    done_marker,
+    table_file,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from vitlens.store.records import images_table, tokens_table
+from vitlens.store.schema import SCHEMA_VERSION, schema_of, to_table
+
+#: experiment -> (attention perturbation, label of the image tokens to remove)
+EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
+    "baseline": (None, None),
+    "attn_self_only": ("self_only", None),
+    "attn_no_cls": ("no_cls", None),
+    "remove_class_tokens": (None, LABEL_CLASS),
+    "remove_context_tokens": (None, LABEL_CONTEXT),
+}
+
+
+def resolve_shard_urls(data: DataSpec) -> list[str]:
+    """The explicit shard list of a job: the manifest's shards, or the listed URLs."""
+    if data.manifest is not None:
+        return shard_urls(data.manifest)
+    return list(data.shards)
+
+
+def applicable_experiments(experiments: tuple[str, ...], has_class_token: bool) -> tuple[str, ...]:
+    """The experiments that exist for a model: `attn_no_cls` needs a CLS token (GAP has none)."""
+    return tuple(e for e in experiments if has_class_token or e != "attn_no_cls")
+
+
+class ShardProcessor:
+    """One loaded variant; `process(shard)` writes every table of every experiment of the shard."""
+
+    def __init__(self, variant: str, job: JobSpec, device: str = "cpu") -> None:
+        self.variant = variant
+        self.job = job
+        self.device = torch.device(device)
+        loaded = load_variant(variant, device=self.device, checkpoint_path=job.checkpoint_for(variant))
+        self.model = loaded.model
+        self.class_names = loaded.class_names
+        self.lens = Lens(self.model)
+        self.geometry = EvalGeometry.from_data_config(loaded.data_config)
+        self.patch_size = tuple(self.model.patch_embed.patch_size)
+        self.has_class_token = self.lens.anatomy.has_class_token
+        self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
+        self.experiments = applicable_experiments(job.experiments, self.has_class_token)
+        self._write_params()
+
+    def _write_params(self) -> None:
+        """The parameter-only `params` table of this variant (same content on every actor)."""
+        path = table_file(self.job.output, "params", self.variant, NO_EXPERIMENT, "params")
+        if path.is_file():
+            return
+        head = self.model.head.weight.detach()
+        blocks, sublayers, classes, scores = [], [], [], []
+        with torch.inference_mode():
+            for block in range(1, len(self.model.blocks) + 1):
+                for sublayer in SUBLAYERS:
+                    agreement = class_value_agreement(head, value_vectors(self.model, block, sublayer).detach())
+                    blocks.append(torch.full_like(agreement, block, dtype=torch.int16))
+                    sublayers += [sublayer] * agreement.numel()
+                    classes.append(torch.arange(agreement.numel()))
+                    scores.append(agreement)
+        table = to_table("params", {
+            "block": torch.cat(blocks).cpu().numpy(),
+            "sublayer": sublayers,
+            "class_index": torch.cat(classes).numpy(),
+            "class_value_agreement": torch.cat(scores).float().cpu().numpy(),
+        })
+        write_parquet_atomic(table, path)
+
+    def process(self, shard_url: str, stem: str, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Analyse one shard; returns {variant, shard, images, rows, rejects, seconds}."""
+        started = time.perf_counter()
+        rejects: list[tuple[str, str]] = []
+        writers = {
+            (table, experiment): StagedParquetWriter(
+                table_file(self.job.output, table, self.variant, experiment, stem), schema_of(table)
+            )
+            for experiment in self.experiments
+            for table in ("tokens", "images")
+        }
+        images = 0
+        try:
+            batches = iter_shard_batches(
+                shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
+                on_reject=lambda shard, key, reason: rejects.append((key, reason)),
+            )
+            for batch_index, batch in enumerate(batches):
+                images += len(batch.keys)
+                for experiment in self.experiments:
+                    tokens, image_rows = self._analyse(batch, experiment)
+                    writers["tokens", experiment].write(tokens)
+                    writers["images", experiment].write(image_rows)
+                if on_batch is not None:
+                    on_batch(batch_index)
+            reject_rows = to_table("rejects", {
+                "shard": [shard_url] * len(rejects),
+                "image_key": [key for key, _ in rejects],
+                "stage": ["decode"] * len(rejects),
+                "reason": [reason for _, reason in rejects],
+            })
+            write_parquet_atomic(reject_rows, table_file(self.job.output, "rejects", self.variant, NO_EXPERIMENT, stem))
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for writer in writers.values():
+            writer.commit()
+        rows = sum(w.rows for (table, _), w in writers.items() if table == "tokens")
+        stats = {
+            "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
+            "rejects": len(rejects), "seconds": time.perf_counter() - started,
+        }
+        write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
+        return stats
+
+    def _analyse(self, batch: Any, experiment: str) -> tuple[Any, Any]:
+        """Run one experiment on one batch and turn it into (tokens, images) rows."""
+        perturbation, drop_label = EXPERIMENT_SETTINGS[experiment]
+        token_keep = None
+        if drop_label is not None:
+            token_keep = token_keep_from_labels(batch.token_label, drop_label, self.num_prefix_tokens)
+        images = batch.images.to(self.device, non_blocking=True)
+        result = self.lens.run(images, batch.class_index, attention_perturbation=perturbation, token_keep=token_keep)
+        names = [self.class_names[i] if 0 <= i < len(self.class_names) else None for i in batch.class_index.tolist()]
+        return (
+            tokens_table(result, batch.keys, batch.fg_fraction, batch.token_label, self.has_class_token),
+            images_table(result, batch.keys, batch.shard, names, batch.token_label),
+        )
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import timm
+
+    from vitlens import __version__
+
+    return {"vitlens": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "ray": ray.__version__, "schema": str(SCHEMA_VERSION)}
+
+
+def write_failed_shards(job: JobSpec, failures: list[tuple[str, str, str]]) -> None:
+    """Record shards that failed every attempt in the `rejects` table (stage `analysis`)."""
+    by_variant: dict[str, list[tuple[str, str]]] = {}
+    for variant, shard, reason in failures:
+        by_variant.setdefault(variant, []).append((shard, reason))
+    for variant, rows in by_variant.items():
+        table = to_table("rejects", {
+            "shard": [s for s, _ in rows], "image_key": [None] * len(rows),
+            "stage": ["analysis"] * len(rows), "reason": [r for _, r in rows],
+        })
+        write_parquet_atomic(table, table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards"))
+
+
+def write_run_record(job: JobSpec, report: Any) -> None:
+    """Append this run to the `runs` table (one file per run)."""
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    table = to_table("runs", {
+        "run_id": [run_id], "job_name": [job.name],
+        "job_spec": [json.dumps(asdict(job), sort_keys=True)],
+        "versions": [json.dumps(_versions(), sort_keys=True)],
+        "started_at": [datetime.now(timezone.utc).replace(microsecond=0)],
+        "wall_seconds": [report.wall_seconds], "device": [report.device], "actors": [report.actors],
+        "shards_total": [report.shards_total], "shards_done": [report.shards_done],
+        "shards_skipped": [report.shards_skipped], "shards_failed": [len(report.failures)],
+        "rows_written": [sum(s.get("rows", 0) for s in report.shard_stats)],
+        "analysis_seconds": [sum(s.get("seconds", 0.0) for s in report.shard_stats)],
+    })
+    write_parquet_atomic(table, table_file(job.output, "runs", "all", NO_EXPERIMENT, run_id))

@@ -1,0 +1,150 @@
+"""Where every file of the Parquet store lives, and how it is written.
+
+Layout (hive partitions, one file per (table, variant, experiment, shard))::
+
+    ROOT/table=tokens/variant=V/experiment=E/<shard>.parquet
+    ROOT/table=images/variant=V/experiment=E/<shard>.parquet
+    ROOT/table=params/variant=V/experiment=none/params.parquet
+    ROOT/table=rejects/variant=V/experiment=none/<shard>.parquet
+    ROOT/table=runs/variant=all/experiment=none/<run_id>.parquet
+    ROOT/_done/variant=V/<shard>.json        (written last, after every table of the shard)
+
+File names come from the shard name, so a re-run overwrites rather than adds. Every file
+is written under a temporary name in the same folder and renamed into place, so a reader
+(or a killed writer) never sees half a file. A shard counts as done only when its marker
+exists; a re-run skips done shards and rewrites the others from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NO_EXPERIMENT = "none"
+_SAFE = re.compile(r"[^A-Za-z0-9_.@+=-]")
+
+
+def partition_value(value: str) -> str:
+    """A hive partition value that is safe as a folder name (`/` and spaces become `_`)."""
+    return _SAFE.sub("_", value)
+
+
+def shard_stem(shard_url: str) -> str:
+    """The file stem for a shard: its base name without `.tar` (URLs included)."""
+    name = shard_url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return partition_value(name)
+
+
+def table_file(root: str | Path, table: str, variant: str, experiment: str, stem: str) -> Path:
+    """The Parquet path of one (table, variant, experiment, shard) file."""
+    return (
+        Path(root)
+        / f"table={table}"
+        / f"variant={partition_value(variant)}"
+        / f"experiment={partition_value(experiment)}"
+        / f"{stem}.parquet"
+    )
+
+
+def done_marker(root: str | Path, variant: str, stem: str) -> Path:
+    """The marker that says every table of (variant, shard) is written."""
+    return Path(root) / "_done" / f"variant={partition_value(variant)}" / f"{stem}.json"
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 256 * 1024) -> None:
+    """Write `table` as zstd Parquet to a temporary name beside `path`, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=3,
+            row_group_size=row_group_size,
+            use_dictionary=True,
+            write_statistics=True,
+        )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Write a JSON file via a temporary name and rename (markers, summaries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def is_done(root: str | Path, variant: str, stem: str) -> bool:
+    """Whether (variant, shard) was completely written by an earlier run."""
+    return done_marker(root, variant, stem).is_file()
+
+
+def clean_temporaries(root: str | Path) -> int:
+    """Remove temporary files a killed writer left behind; returns how many."""
+    removed = 0
+    for tmp in Path(root).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+class StagedParquetWriter:
+    """Stream tables into one Parquet file under a temporary name; `commit()` renames it.
+
+    Small tables are buffered up to `row_group_size` rows so row groups stay sensible;
+    `abort()` (or an exception inside a `with` block) deletes the temporary file.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int = 256 * 1024) -> None:
+        self.path = path
+        self.schema = schema
+        self.row_group_size = row_group_size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", compression_level=3)
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (flushed as a row group once `row_group_size` rows are buffered)."""
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        self.rows += table.num_rows
+        if self._buffered >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            merged = pa.concat_tables(self._buffer).combine_chunks()
+            self._writer.write_table(merged, row_group_size=self.row_group_size)
+            self._buffer, self._buffered = [], 0
+
+    def commit(self) -> None:
+        """Finish the file and rename it into place."""
+        self._flush()
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary file (nothing at `path` changes)."""
+        try:
+            self._writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)

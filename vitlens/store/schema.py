@@ -1,0 +1,135 @@
+"""The Arrow schema of every table of the Parquet store — defined here and nowhere else.
+
+Bump `SCHEMA_VERSION` on any change; it is stored in each file's metadata and in the
+`runs` table so queries can tell which layout a result set has.
+
+Tables (one row each of):
+- `tokens`:  image × block × stream × token (the lens output, reduced on the device)
+- `images`:  image (class, prediction, correctness, token counts)
+- `params`:  variant × block × sub-layer × class (class-value agreement, parameters only)
+- `rejects`: sample or shard that could not be processed, with the reason
+- `runs`:    one run of a job (spec, versions, timings)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STREAMS: tuple[str, ...] = ("resid", "attn", "mlp")
+TOKEN_KINDS: tuple[str, ...] = ("cls", "prefix", "image")
+SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
+
+_dict = pa.dictionary(pa.int8(), pa.string())
+TOP_K = 5
+
+TOKENS = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # resid: 0..L (0 = embeddings); attn/mlp: 1..L
+        pa.field("stream", _dict, nullable=False),  # resid | attn | mlp
+        pa.field("token", pa.int16(), nullable=False),  # position in the full sequence (prefix first)
+        pa.field("token_kind", _dict, nullable=False),  # cls | prefix | image
+        pa.field("label", _dict, nullable=False),  # class | context | ignore | prefix
+        pa.field("fg_fraction", pa.float32()),  # null for prefix tokens
+        pa.field("identifiability_rank", pa.int32(), nullable=False),  # #{c': logit[c'] > logit[c]}
+        pa.field("correct_logit", pa.float32(), nullable=False),
+        pa.field("top5_class", pa.list_(pa.int16(), TOP_K), nullable=False),
+        pa.field("top5_logit", pa.list_(pa.float16(), TOP_K), nullable=False),  # half precision: display only
+        pa.field("sublayer_input_correct_logit", pa.float32()),  # attn/mlp only
+        pa.field("key_value_agreement", pa.bool_()),  # attn/mlp only
+        pa.field("non_compositional", pa.bool_()),  # attn/mlp only
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string()),
+        pa.field("prediction", pa.int32(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("num_image_tokens", pa.int16(), nullable=False),  # after token removal
+        pa.field("num_class_tokens", pa.int16(), nullable=False),  # class-labelled, before removal
+        pa.field("num_context_tokens", pa.int16(), nullable=False),
+    ]
+)
+
+PARAMS = pa.schema(
+    [
+        pa.field("block", pa.int16(), nullable=False),  # 1..L
+        pa.field("sublayer", _dict, nullable=False),  # attn | mlp
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("class_value_agreement", pa.float32(), nullable=False),  # max cosine over memories
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("image_key", pa.string()),  # null when the whole shard failed
+        pa.field("stage", pa.string(), nullable=False),  # decode | analysis
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("job_name", pa.string(), nullable=False),
+        pa.field("job_spec", pa.string(), nullable=False),  # JSON of the validated spec
+        pa.field("versions", pa.string(), nullable=False),  # JSON: vitlens, torch, timm, ray, schema
+        pa.field("started_at", pa.timestamp("s", tz="UTC"), nullable=False),
+        pa.field("wall_seconds", pa.float64(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("actors", pa.int32(), nullable=False),
+        pa.field("shards_total", pa.int32(), nullable=False),
+        pa.field("shards_done", pa.int32(), nullable=False),
+        pa.field("shards_skipped", pa.int32(), nullable=False),
+        pa.field("shards_failed", pa.int32(), nullable=False),
+        pa.field("rows_written", pa.int64(), nullable=False),
+        pa.field("analysis_seconds", pa.float64(), nullable=False),  # summed over actors
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "tokens": TOKENS,
+    "images": IMAGES,
+    "params": PARAMS,
+    "rejects": REJECTS,
+    "runs": RUNS,
+}
+
+
+def schema_of(table: str) -> pa.Schema:
+    """The versioned schema of `table` (with `vitlens.schema_version` metadata)."""
+    return TABLES[table].with_metadata(
+        {"vitlens.table": table, "vitlens.schema_version": str(SCHEMA_VERSION)}
+    )
+
+
+def to_table(table: str, columns: Mapping[str, Any]) -> pa.Table:
+    """Build an Arrow table of `table`'s schema from column arrays (numpy, lists or Arrow).
+
+    Raises KeyError naming a missing or unexpected column; casts each column to its type.
+    """
+    schema = schema_of(table)
+    missing = [f.name for f in schema if f.name not in columns]
+    extra = [name for name in columns if schema.get_field_index(name) < 0]
+    if missing or extra:
+        raise KeyError(f"table {table}: missing columns {missing}, unexpected {extra}")
+    arrays = []
+    for f in schema:
+        value = columns[f.name]
+        if pa.types.is_dictionary(f.type):
+            arrays.append(pa.array(value, type=pa.string()).dictionary_encode().cast(f.type))
+        elif pa.types.is_fixed_size_list(f.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
+            flat = pa.array(value.reshape(-1), type=f.type.value_type)
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
+        else:
+            arrays.append(pa.array(value, type=f.type) if not isinstance(value, (pa.Array, pa.ChunkedArray)) else value.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
