@@ -147,6 +147,7 @@ def test_rerun_after_killed_driver_skips_done_and_matches_clean_run(tmp_path: Pa
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     proc.wait()
+    time.sleep(2)  # let any orphaned worker of the killed cluster die before counting
     finished_before = len(list(done.iterdir()))
     assert 1 <= finished_before < 4, "kill the driver mid-job"
 
@@ -188,3 +189,20 @@ def test_corrupt_samples_are_rejected_and_the_rest_processed(tmp_path: Path, sha
         f"SELECT image_key FROM read_parquet('{job.output}/table=images/variant={VARIANT}/experiment=baseline/*.parquet')"
     ).fetchall()}
     assert len(keys) == 9 and corrupted_key not in keys
+
+
+def test_a_shard_that_keeps_failing_is_retried_then_reported(tmp_path: Path, shards: Path, ray_session, monkeypatch) -> None:
+    from vitlens.runner.actors import INJECT_SHARD_ERROR_ENV
+
+    monkeypatch.setenv(INJECT_SHARD_ERROR_ENV, "shapes-validation-000002")
+    job = load_job_spec(write_job(tmp_path, shards, ["baseline"]))
+    report = run_job(job, progress=False)
+    assert report.shards_done == 3
+    assert [(v, Path(s).name) for v, s, _ in report.failures] == [(VARIANT, "shapes-validation-000002.tar")]
+    assert "injected analysis error" in report.failures[0][2]
+    rejects = duckdb.connect().execute(
+        f"SELECT shard, stage FROM read_parquet('{job.output}/table=rejects/variant={VARIANT}/experiment=none/failed-shards.parquet')"
+    ).fetchall()
+    assert rejects == [(str(shards / "shapes-validation-000002.tar"), "analysis")]
+    done = sorted(p.stem for p in (Path(job.output) / "_done" / f"variant={VARIANT}").iterdir())
+    assert done == ["shapes-validation-000000", "shapes-validation-000001", "shapes-validation-000003"]

@@ -69,3 +69,21 @@ def test_mistakes_name_the_key(tmp_path: Path, edit: tuple[str, str], fragment: 
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_job_spec(tmp_path / "nope.toml")
+
+
+def test_variants_are_checked_before_any_actor_starts(tmp_path: Path) -> None:
+    from vitlens.runner.shard_job import check_variants
+
+    def spec(variants: str, checkpoints: str = "") -> object:
+        text = GOOD.replace('variants = ["a", "b@random"]', f"variants = {variants}") + checkpoints
+        return load_job_spec(write(tmp_path, text))
+
+    check_variants(spec('["shapes_vit_p16", "shapes_vit_p16@random", "vit_b32@random"]'))
+    with pytest.raises(UserError, match="unknown model variant 'nope'"):
+        check_variants(spec('["nope"]'))
+    with pytest.raises(UserError, match=r"\[checkpoints\]"):
+        check_variants(spec('["vit_cifar100"]'))
+    with pytest.raises(UserError, match="does not exist"):
+        check_variants(spec('["vit_cifar100"]', '[checkpoints]\nvit_cifar100 = "missing.pth"\n'))
+    with pytest.raises(UserError, match="not in 'variants'"):
+        spec('["vit_b32"]', '[checkpoints]\nvit_cifar100 = "x.pth"\n')

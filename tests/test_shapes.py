@@ -107,3 +107,17 @@ def test_bad_arguments_raise_user_error(kwargs: dict) -> None:
     args.update(kwargs)
     with pytest.raises(UserError):
         next(iter_shapes_samples(**args))
+
+
+def test_object_hue_is_the_class_typical_hue() -> None:
+    import colorsys
+
+    from vitlens.data.shapes import OBJECT_HUE_JITTER, typical_object_hue
+
+    for sample in _collect(5, per_class=2):
+        pixels = sample.image[sample.object_mask].astype(float)
+        brightest = pixels[pixels.max(axis=1).argmax()] / 255.0  # a tone-A pixel
+        hue = colorsys.rgb_to_hsv(*brightest)[0]
+        expected = typical_object_hue(sample.class_index)
+        distance = min(abs(hue - expected), 1 - abs(hue - expected))
+        assert distance <= OBJECT_HUE_JITTER + 0.01, (sample.key, hue, expected)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from vitlens.models.registry import RANDOM_SUFFIX, VariantSpec, get_variant, list_variants, load_variant
+if TYPE_CHECKING:
+    from vitlens.models.registry import VariantSpec
 
 WEIGHT_SOURCES = {
     "hub": "timm hub (needs cached weights or internet)",
@@ -14,13 +16,15 @@ WEIGHT_SOURCES = {
 }
 
 
-def _classes(spec: VariantSpec) -> str:
+def _classes(spec: "VariantSpec") -> str:
     """The class count of a spec as printed (timm default when the spec does not fix it)."""
     return str(spec.num_classes) if spec.num_classes is not None else "1000"
 
 
 def list_command(args: argparse.Namespace) -> int:
     """Print one line per registered variant."""
+    from vitlens.models.registry import RANDOM_SUFFIX, list_variants
+
     rows = [("NAME", "ROLE", "WEIGHTS", "CLASSES", "TIMM MODEL")]
     for spec in list_variants():
         rows.append((spec.name, spec.role, spec.weights, _classes(spec), spec.timm_name or "(zoo card)"))
@@ -33,6 +37,8 @@ def list_command(args: argparse.Namespace) -> int:
 
 def show_command(args: argparse.Namespace) -> int:
     """Print one variant's spec; with --load also build it and print its preprocessing."""
+    from vitlens.models.registry import get_variant, load_variant
+
     spec = get_variant(args.name)
     print(f"name:        {spec.name}")
     print(f"role:        {spec.role}")

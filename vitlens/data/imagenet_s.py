@@ -35,7 +35,6 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from timm.data import ImageNetInfo
 
 from vitlens.data.manifest import Reject
 from vitlens.data.sample_format import (
@@ -96,7 +95,9 @@ def load_categories(variant: int, search_dirs: tuple[Path, ...] = ()) -> tuple[l
 
 
 @lru_cache(maxsize=1)
-def _imagenet_info() -> ImageNetInfo:
+def _imagenet_info() -> "ImageNetInfo":  # noqa: F821 (timm imported lazily: fast CLI start)
+    from timm.data import ImageNetInfo
+
     return ImageNetInfo()
 
 

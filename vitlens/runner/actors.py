@@ -18,6 +18,8 @@ from vitlens.runner.spec import JobSpec
 #: Test hook: path of a flag file. The first actor that finishes a batch while the file
 #: does not exist creates it and dies on the spot (os._exit), simulating a lost node.
 INJECT_DEATH_ENV = "VITLENS_INJECT_ACTOR_DEATH"
+#: Test hook: a shard stem whose analysis always raises, simulating a bug hit by one shard.
+INJECT_SHARD_ERROR_ENV = "VITLENS_INJECT_SHARD_ERROR"
 
 
 class ShardActor:
@@ -40,6 +42,8 @@ class ShardActor:
 
     def process(self, shard_url: str, stem: str) -> dict[str, Any]:
         """Analyse one shard; returns its statistics (rows, images, rejects, seconds)."""
+        if os.environ.get(INJECT_SHARD_ERROR_ENV) == stem:
+            raise RuntimeError(f"injected analysis error for shard {stem}")
         return self.processor.process(shard_url, stem, on_batch=_maybe_die)
 
 

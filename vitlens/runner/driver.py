@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import ray
 from tqdm import tqdm
 
-from vitlens.runner.actors import INJECT_DEATH_ENV, actor_class
+from vitlens.errors import UserError
+from vitlens.runner.actors import actor_class
 from vitlens.runner.plan import WorkItem, WorkQueue
 from vitlens.runner.spec import JobSpec
-from vitlens.runner.shard_job import resolve_shard_urls, write_failed_shards, write_run_record
+from vitlens.runner.shard_job import check_variants, resolve_shard_urls, write_failed_shards, write_run_record
 from vitlens.store.layout import clean_temporaries
 
 
@@ -36,6 +38,7 @@ class JobReport:
     wall_seconds: float = 0.0
     actors: int = 0
     device: str = "cpu"
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
 
 
 @dataclass
@@ -62,8 +65,6 @@ def _placement(job: JobSpec) -> tuple[str, int, dict[str, float]]:
     res = job.resources
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if res.device == "cuda" and gpus == 0:
-        from vitlens.errors import UserError
-
         raise UserError("resources.device = 'cuda' but the Ray cluster has no GPU")
     if gpus > 0 and res.device != "cpu":
         return "cuda", gpus, {"num_gpus": 1, "num_cpus": res.cpus_per_actor}
@@ -76,6 +77,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     """Run (or resume) a job to completion and return its report."""
     started = time.perf_counter()
     urls = resolve_shard_urls(job.data)
+    check_variants(job)
     if os.path.isdir(job.output):
         clean_temporaries(job.output)  # a killed earlier run's half-written files
     queue = WorkQueue.build(job.output, job.variants, urls, max_attempts=1 + job.resources.max_task_retries)
@@ -88,7 +90,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     _connect(address, local_cpus)
     device, n_slots, request = _placement(job)
     report.device, report.actors = device, n_slots
-    env = {k: v for k, v in os.environ.items() if k.startswith("VITLENS_") or k == INJECT_DEATH_ENV}
+    env = {k: v for k, v in os.environ.items() if k.startswith("VITLENS_")}  # incl. the test hooks
     Actor = actor_class(job.resources.max_actor_restarts, job.resources.max_task_retries)
     threads = max(1, int(job.resources.cpus_per_actor))
 
@@ -132,9 +134,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
                 except ray.exceptions.RayActorError as err:  # the actor died beyond its restarts
                     ray.kill(slot.actor)
                     slot.actor = new_actor(slot.variant)
-                    _failed(queue, report, item, f"actor died: {err}")
+                    _failed(queue, report, item, f"actor died: {err}", bar)
                 except ray.exceptions.RayTaskError as err:  # the analysis raised for this shard
-                    _failed(queue, report, item, str(err.cause if err.cause else err).splitlines()[0])
+                    _failed(queue, report, item, str(err.cause if err.cause else err).splitlines()[0], bar)
                 else:
                     queue.finished(item)
                     report.shards_done += 1
@@ -151,6 +153,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     return report
 
 
-def _failed(queue: WorkQueue, report: JobReport, item: WorkItem, reason: str) -> None:
+def _failed(queue: WorkQueue, report: JobReport, item: WorkItem, reason: str, bar: tqdm) -> None:
     if not queue.retry_or_fail(item, reason):
         report.failures.append((item.variant, item.shard_url, reason))
+        bar.update(1)

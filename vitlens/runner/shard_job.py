@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from vitlens.errors import UserError
 from vitlens.lens import Lens, token_keep_from_labels
 from vitlens.lens.memories import SUBLAYERS, value_vectors
 from vitlens.metrics.sublayers import class_value_agreement
-from vitlens.models.registry import load_variant
+from vitlens.models.registry import get_variant, load_variant
 from vitlens.runner.spec import DataSpec, JobSpec
 from vitlens.store.layout import (
     NO_EXPERIMENT,
@@ -53,6 +54,17 @@ def resolve_shard_urls(data: DataSpec) -> list[str]:
     if data.manifest is not None:
         return shard_urls(data.manifest)
     return list(data.shards)
+
+
+def check_variants(job: JobSpec) -> None:
+    """Fail fast, before any actor starts: every variant is known and has its weight file."""
+    for variant in job.variants:
+        spec = get_variant(variant)  # UserError for unknown names
+        checkpoint = job.checkpoint_for(variant)
+        if spec.weights == "checkpoint" and checkpoint is None:
+            raise UserError(f"variant {variant!r} needs a weight file: add it under [checkpoints] in the job spec")
+        if checkpoint is not None and "://" not in checkpoint and not Path(checkpoint).is_file():
+            raise UserError(f"checkpoints.{variant}: {checkpoint} does not exist")
 
 
 def applicable_experiments(experiments: tuple[str, ...], has_class_token: bool) -> tuple[str, ...]:
@@ -173,16 +185,21 @@ def _versions() -> dict[str, str]:
 
 
 def write_failed_shards(job: JobSpec, failures: list[tuple[str, str, str]]) -> None:
-    """Record shards that failed every attempt in the `rejects` table (stage `analysis`)."""
-    by_variant: dict[str, list[tuple[str, str]]] = {}
-    for variant, shard, reason in failures:
-        by_variant.setdefault(variant, []).append((shard, reason))
-    for variant, rows in by_variant.items():
+    """Record the shards that failed every attempt of this run in `rejects` (stage `analysis`).
+
+    One file per variant, rewritten by every run, so a re-run that succeeds clears it.
+    """
+    for variant in job.variants:
+        rows = [(shard, reason) for v, shard, reason in failures if v == variant]
+        path = table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards")
+        if not rows:
+            path.unlink(missing_ok=True)
+            continue
         table = to_table("rejects", {
             "shard": [s for s, _ in rows], "image_key": [None] * len(rows),
             "stage": ["analysis"] * len(rows), "reason": [r for _, r in rows],
         })
-        write_parquet_atomic(table, table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards"))
+        write_parquet_atomic(table, path)
 
 
 def write_run_record(job: JobSpec, report: Any) -> None:
@@ -192,7 +209,7 @@ def write_run_record(job: JobSpec, report: Any) -> None:
         "run_id": [run_id], "job_name": [job.name],
         "job_spec": [json.dumps(asdict(job), sort_keys=True)],
         "versions": [json.dumps(_versions(), sort_keys=True)],
-        "started_at": [datetime.now(timezone.utc).replace(microsecond=0)],
+        "started_at": [report.started_at],
         "wall_seconds": [report.wall_seconds], "device": [report.device], "actors": [report.actors],
         "shards_total": [report.shards_total], "shards_done": [report.shards_done],
         "shards_skipped": [report.shards_skipped], "shards_failed": [len(report.failures)],
