@@ -150,3 +150,26 @@ def test_gap_model_perturbations() -> None:
     assert bool((trace.attn_probs[..., off_diagonal] == 0).all())
     with pytest.raises(UserError, match="CLS"):
         Lens(model).run(images, torch.tensor([0, 1]), attention_perturbation="no_cls")
+
+
+def test_token_removal_on_a_gap_model_pools_only_kept_tokens() -> None:
+    """GAP (post-norm blocks, no prefix): removal equals timm on the shortened sequence,
+    including the prediction, which averages only the kept tokens."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = tiny_vit(class_token=False, global_pool="avg", block_fn=ResPostBlock, init_values=0.5)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([2, 9])
+    token_keep = torch.zeros(2, 16, dtype=torch.bool)
+    token_keep[0, [1, 2, 7, 11, 12]] = True
+    token_keep[1, 3:13] = True
+    out = Lens(model).run(images, labels, token_keep=token_keep)
+    with torch.no_grad():
+        embedded = model._pos_embed(model.patch_embed(images))
+        for b in range(2):
+            kept = torch.nonzero(token_keep[b]).squeeze(1)
+            final = model.blocks(embedded[b : b + 1, kept])
+            expected_logits = model.forward_head(model.norm(final))[0]  # timm's own pooled output
+            token_logits = model.head(model.fc_norm(model.norm(final)))[0]  # [n, C]
+            assert out.prediction[b].item() == int(expected_logits.argmax())
+            assert torch.allclose(out.correct_logit[b, -1, STREAM_RESID, kept], token_logits[:, labels[b]], atol=1e-5)

@@ -17,7 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.lens.anatomy import ViTAnatomy
 from vitlens.lens.attention import attention_sublayer
-from vitlens.lens.perturb import remove_tokens
 
 
 @dataclass
@@ -35,23 +34,15 @@ class BlockTrace:
     attn_probs: torch.Tensor | None  # [B, H, T, T] when computed (perturbation or need_probs)
 
 
-def embed(
-    model: VisionTransformer,
-    images: torch.Tensor,
-    anatomy: ViTAnatomy,
-    token_keep: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Residual stream entering block 1 (the lens's block 0), optionally with image tokens removed.
+def embed(model: VisionTransformer, images: torch.Tensor, anatomy: ViTAnatomy) -> torch.Tensor:
+    """Residual stream entering block 1 (the lens's block 0): patches + position embedding.
 
-    Tokens are removed right after the position embedding (METHOD §4); prefix tokens stay.
+    Token removal (METHOD §4) happens after this point, as key masking in every block.
 
-    # images: [B, 3, H, W], token_keep: [B, N] bool -> hidden: [B, P+n, d]
+    # images: [B, 3, H, W] -> hidden: [B, P+N, d]
     """
     hidden = model._pos_embed(model.patch_embed(images))
-    hidden = model.patch_drop(hidden)
-    if token_keep is not None:
-        hidden = remove_tokens(hidden, token_keep, anatomy.num_prefix_tokens)
-    return model.norm_pre(hidden)
+    return model.norm_pre(model.patch_drop(hidden))
 
 
 def block_forward(
@@ -61,13 +52,15 @@ def block_forward(
     post_norm: bool,
     attention_keep_mask: torch.Tensor | None = None,
     need_probs: bool = False,
+    key_keep: torch.Tensor | None = None,
 ) -> BlockTrace:
     """One timm `Block` (pre-norm) or `ResPostBlock` (post-norm), exposing its streams.
 
-    # resid_pre: [B, T, d], attention_keep_mask: [T, T] -> BlockTrace (shapes on the fields)
+    # resid_pre: [B, T, d], attention_keep_mask: [T, T], key_keep: [B, T] bool
+    #   -> BlockTrace (shapes on the fields)
     """
     attn_input = resid_pre if post_norm else block.norm1(resid_pre)
-    attention = attention_sublayer(block.attn, attn_input, attention_keep_mask, need_probs)
+    attention = attention_sublayer(block.attn, attn_input, attention_keep_mask, need_probs, key_keep)
     attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)
     resid_mid = resid_pre + block.drop_path1(attn_out)
     mlp = block.mlp
@@ -88,23 +81,37 @@ def iter_block_traces(
     anatomy: ViTAnatomy,
     attention_keep_mask: torch.Tensor | None = None,
     need_probs: bool = False,
+    key_keep: torch.Tensor | None = None,
 ) -> Iterator[BlockTrace]:
     """Run every block on the embedded sequence `hidden`, yielding each block's trace in order.
 
     The consumer reduces a trace before asking for the next one, so at most one block's
-    streams are alive at a time.
+    streams are alive at a time. `key_keep` removes tokens (False = removed: no query
+    attends to it; its own stream is computed but meaningless).
 
-    # hidden: [B, T, d] (from `embed`), attention_keep_mask: [T, T] -> BlockTrace per block
+    # hidden: [B, T, d] (from `embed`), attention_keep_mask: [T, T], key_keep: [B, T] bool
+    #   -> BlockTrace per block
     """
     for index, block in enumerate(model.blocks, start=1):
-        trace = block_forward(block, hidden, index, anatomy.post_norm, attention_keep_mask, need_probs)
+        trace = block_forward(block, hidden, index, anatomy.post_norm, attention_keep_mask, need_probs, key_keep)
         hidden = trace.resid_post
         yield trace
 
 
-def model_logits(model: VisionTransformer, resid_final: torch.Tensor) -> torch.Tensor:
+def model_logits(
+    model: VisionTransformer, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """The model's own output from the last residual stream: `forward_head(norm(x))` as timm does.
 
-    # resid_final: [B, T, d] -> logits: [B, C]
+    With removed tokens (`key_keep`), average pooling runs over the kept image tokens only
+    (what the model computes on the shortened sequence); CLS pooling is unaffected.
+
+    # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
     """
-    return model.forward_head(model.norm(resid_final))
+    hidden = model.norm(resid_final)
+    if key_keep is None or model.global_pool != "avg":
+        return model.forward_head(hidden)
+    prefix = model.num_prefix_tokens
+    weights = key_keep[:, prefix:, None].to(hidden.dtype)  # [B, N, 1]
+    pooled = (hidden[:, prefix:] * weights).sum(1) / weights.sum(1)
+    return model.head(model.head_drop(model.fc_norm(pooled)))

@@ -50,16 +50,3 @@ def token_keep_from_labels(
     # token_label: [B, P+N] int -> token_keep: [B, N] bool
     """
     return token_label[:, num_prefix_tokens:] != drop_label
-
-
-def remove_tokens(hidden: torch.Tensor, token_keep: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Drop image tokens from a sequence, keeping every prefix token; all images keep as many.
-
-    # hidden: [B, P+N, d], token_keep: [B, N] bool (equal row sums) -> [B, P+n, d]
-    """
-    batch, _, width = hidden.shape
-    kept_counts = token_keep.sum(dim=1)
-    if bool((kept_counts != kept_counts[0]).any()):
-        raise ValueError("remove_tokens needs the same number of kept tokens in every image")
-    image_tokens = hidden[:, num_prefix_tokens:][token_keep].view(batch, -1, width)
-    return torch.cat([hidden[:, :num_prefix_tokens], image_tokens], dim=1)
