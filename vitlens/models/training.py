@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from vitlens.data.shapes import iter_shapes_samples, shapes_class_names
 from vitlens.errors import UserError
+from vitlens.toml_files import read_toml
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -75,13 +75,7 @@ class TrainConfig:
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training TOML; unknown keys and wrong types name the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"training config {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: not valid TOML: {err}") from None
-    raw.update(overrides or {})
+    raw = read_toml(path, "training config", overrides)
     known = {f.name: f for f in fields(TrainConfig)}
     for key, value in raw.items():
         if key not in known:

@@ -27,12 +27,12 @@ Example (`jobs/demo.toml`)::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from vitlens.errors import UserError
+from vitlens.toml_files import read_toml
 
 #: Every experiment a job can run; "baseline" is the unperturbed model.
 EXPERIMENTS: tuple[str, ...] = (
@@ -130,13 +130,7 @@ def _resolve(base: Path, value: str) -> str:
 def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobSpec:
     """Read and validate a TOML job spec; relative paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"job spec {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: not valid TOML: {err}") from None
-    raw.update(overrides or {})
+    raw = read_toml(path, "job spec", overrides)
     top = {f.name for f in fields(JobSpec)}
     _check_keys(raw, top, "the top level", path)
     for key in ("name", "output", "variants", "data"):
