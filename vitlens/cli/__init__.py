@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vitlens.cli.run",
     "vitlens.cli.train",
     "vitlens.cli.demo",
+    "vitlens.cli.query",
+    "vitlens.cli.report",
 )
 
 

@@ -10,11 +10,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add `vitlens demo`."""
     parser = subparsers.add_parser(
         "demo",
-        help="build the shapes shards, run the zoo job, print the headline numbers",
+        help="build the shapes shards, run the zoo job, write the report, print the headline numbers",
         description=(
             "Writes the embedded shapes set as shards (OUT/shards), runs the demo job "
             "(zoo models and their random twins, every Section 5-6 experiment) into OUT/results, "
-            "and prints the last-block identifiability per variant and experiment. "
+            "writes the report (tables, figures, index.html) into OUT/report and prints Table 1. "
             "Re-running resumes: shards and finished (variant, shard) pairs are kept."
         ),
     )
@@ -27,7 +27,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from vitlens.cli import main as cli_main
-    from vitlens.report.summary import format_table, identifiability_summary
+    from vitlens.report.build import build_report
+    from vitlens.report.queries import find_query, format_table, run_query
+    from vitlens.report.results import open_results
     from vitlens.runner.demo import DEMO_SHAPES, DEMO_VARIANTS, demo_job
     from vitlens.runner.driver import run_job
 
@@ -44,7 +46,12 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_job(job, progress=not args.no_progress)
     print(f"\njob: {report.shards_done} shard×variant analysed, {report.shards_skipped} already done, "
           f"{len(report.failures)} failed, {report.wall_seconds:.1f} s on {report.actors} {report.device} actor(s)")
-    print("\nLast block, image tokens (identifiability: correct class is top-1 in class-embedding space):\n")
-    print(format_table(identifiability_summary(job.output)))
-    print(f"\nParquet results: {job.output}  (query them with DuckDB: see README)")
+    con = open_results(job.output)
+    for name in ("table1_identifiability", "images_with_identifiable_token"):
+        query = find_query(name)
+        print(f"\n{query.title}:\n")
+        print(format_table(run_query(con, query)))
+    files = build_report(job.output, args.out / "report", progress=not args.no_progress)
+    print(f"\nParquet results: {job.output}  (query them: vitlens query --list / --shell --results {job.output})")
+    print(f"Report: {files.html}  ({len(files.tables)} tables, {len(files.figures)} figures; Markdown: {files.markdown})")
     return 3 if report.failures else 0

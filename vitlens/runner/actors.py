@@ -20,6 +20,8 @@ from vitlens.runner.spec import JobSpec
 INJECT_DEATH_ENV = "VITLENS_INJECT_ACTOR_DEATH"
 #: Test hook: a shard stem whose analysis always raises, simulating a bug hit by one shard.
 INJECT_SHARD_ERROR_ENV = "VITLENS_INJECT_SHARD_ERROR"
+#: Test hook: seconds each shard takes at least, so a test can kill the driver between shards.
+INJECT_SHARD_DELAY_ENV = "VITLENS_INJECT_SHARD_DELAY"
 
 
 class ShardActor:
@@ -44,6 +46,7 @@ class ShardActor:
         """Analyse one shard; returns its statistics (rows, images, rejects, seconds)."""
         if os.environ.get(INJECT_SHARD_ERROR_ENV) == stem:
             raise RuntimeError(f"injected analysis error for shard {stem}")
+        time.sleep(float(os.environ.get(INJECT_SHARD_DELAY_ENV, "0")))
         return self.processor.process(shard_url, stem, on_batch=_maybe_die)
 
 

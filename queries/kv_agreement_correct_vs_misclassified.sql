@@ -1,0 +1,18 @@
+-- title: Key-value agreement of correctly vs wrongly classified images
+-- Paper: Section 6 (key-value agreement rates are higher for correctly classified images;
+-- permutation test over images, 300 permutations, in the report next to it;
+-- input: stats/kv_agreement_per_image.sql). CLS and image tokens pooled; experiment 'baseline'.
+-- Returns one row per variant x block (1..L) x sub-layer.
+-- Columns:
+--   variant, block, sublayer ('attn' | 'mlp'), correct_images, misclassified_images,
+--   correct_pct, misclassified_pct   (pooled agreement rate of the tokens of each group; null if empty)
+SELECT t.variant, t.block, t.stream AS sublayer,
+       count(DISTINCT CASE WHEN i.correct THEN t.image_key END) AS correct_images,
+       count(DISTINCT CASE WHEN NOT i.correct THEN t.image_key END) AS misclassified_images,
+       100 * avg(CASE WHEN i.correct THEN t.key_value_agreement::INT END) AS correct_pct,
+       100 * avg(CASE WHEN NOT i.correct THEN t.key_value_agreement::INT END) AS misclassified_pct
+FROM tokens t
+JOIN images i ON i.variant = t.variant AND i.experiment = t.experiment AND i.image_key = t.image_key
+WHERE t.experiment = 'baseline' AND t.stream IN ('attn', 'mlp') AND t.token_kind IN ('cls', 'image')
+GROUP BY t.variant, t.block, t.stream
+ORDER BY t.variant, sublayer, t.block
