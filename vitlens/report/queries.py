@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from vitlens.errors import UserError
 
-# The repository's queries/ folder (next to the package in a source checkout or editable install).
-QUERIES_DIR = Path(__file__).resolve().parents[2] / "queries"
+# The paper's SQL: `vitlens/queries` is a link to the repository's `queries/` folder in a
+# checkout and a real folder in an installed wheel (package data), so both find the files.
+QUERIES_DIR = Path(__file__).parents[1] / "queries"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def list_queries(group: str = "") -> list[Query]:
     """The queries of `queries/` (`group=""`) or of a sub-folder (`group="stats"`), sorted by name."""
     folder = QUERIES_DIR / group
     if not folder.is_dir():
-        raise UserError(f"the queries folder {folder} is missing (vitlens needs a source checkout's queries/)")
+        raise UserError(f"the queries folder {folder} is missing (reinstall vitlens: its SQL ships as package data)")
     prefix = f"{group}/" if group else ""
     return [load_query_file(p, prefix + p.stem) for p in sorted(folder.glob("*.sql"))]
 
