@@ -1,0 +1,1 @@
+"""Explainability (paper §7): block/head class-embedding gradients, baselines, deletion curves."""
