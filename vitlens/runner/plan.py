@@ -51,10 +51,6 @@ class WorkQueue:
         """Items still pending or running."""
         return sum(len(q) for q in self.pending.values()) + sum(self.in_flight.values())
 
-    def has_pending(self, variant: str) -> bool:
-        """Whether `variant` still has shards nobody has taken."""
-        return bool(self.pending.get(variant))
-
     def next_variant(self, serving: dict[str, int]) -> str | None:
         """The variant a free actor slot should load: most pending shards per actor serving it."""
         best, best_load = None, -1.0

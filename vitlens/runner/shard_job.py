@@ -175,13 +175,13 @@ class ShardProcessor:
 
 
 def _versions() -> dict[str, str]:
-    import ray
-    import timm
+    """Versions recorded in the `runs` table (read from package metadata, nothing imported)."""
+    from importlib.metadata import version
 
     from vitlens import __version__
 
-    return {"vitlens": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "ray": ray.__version__, "schema": str(SCHEMA_VERSION)}
+    return {"vitlens": __version__, "torch": version("torch"), "timm": version("timm"),
+            "ray": version("ray"), "schema": str(SCHEMA_VERSION)}
 
 
 def write_failed_shards(job: JobSpec, failures: list[tuple[str, str, str]]) -> None:

@@ -91,17 +91,16 @@ def images_table(
 
     # token_label: [B, T] int8 labels before any token removal
     """
-    batch = lens_batch.to("cpu")
-    prefix = lens_batch.num_prefix_tokens
+    prefix = lens_batch.num_prefix_tokens  # only the per-image fields are copied to the host
     labels = token_label.cpu()[:, prefix:]
     columns = {
         "image_key": keys,
         "shard": [shard] * len(keys),
-        "class_index": batch.class_index.numpy(),
+        "class_index": lens_batch.class_index.cpu().numpy(),
         "class_name": class_names,
-        "prediction": batch.prediction.numpy(),
-        "correct": batch.correct.numpy(),
-        "num_image_tokens": batch.token_present[:, prefix:].sum(1).numpy(),
+        "prediction": lens_batch.prediction.cpu().numpy(),
+        "correct": lens_batch.correct.cpu().numpy(),
+        "num_image_tokens": lens_batch.token_present[:, prefix:].sum(1).cpu().numpy(),
         "num_class_tokens": (labels == LABEL_NAMES.index("class")).sum(1).numpy(),
         "num_context_tokens": (labels == LABEL_NAMES.index("context")).sum(1).numpy(),
     }

@@ -19,9 +19,9 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-STREAMS: tuple[str, ...] = ("resid", "attn", "mlp")
+# Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
+# labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
 TOKEN_KINDS: tuple[str, ...] = ("cls", "prefix", "image")
-SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
 
 _dict = pa.dictionary(pa.int8(), pa.string())
 TOP_K = 5
