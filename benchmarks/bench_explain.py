@@ -6,12 +6,15 @@ Timing (default): for the B/32 architecture (224 px, 1000 classes, random weight
 - explain: `block_head_importance` — importance of every image token for every block and
            head (one forward with materialised attention + one backward over the per-block
            CLS branches);
-and prints explain / plain (target <= 3). Each time is the best of interleaved repeats
+and prints explain / plain (target <= 3), and one deletion curve (every kept count
+n = 0..N, shortened sequences) / plain, beside its ideal (N+1)/2 (the mean length ratio). Each time is the best of interleaved repeats
 after a warm-up (on a shared machine other processes only ever add time).
 
 AUC table (`--auc`): negative / positive deletion-test AUCs (trapezoid; the reference
-normalisation in brackets) of every method on a fresh shapes test split for each CLS
-zoo model.
+normalisation in brackets) of every method on a fresh shapes test split (drawn with each
+model's own context correlation) for each CLS zoo model; the paper's method with both
+gradient sources (`ours` = residual stream, the paper's text; `ours_attn` = attention
+output, the reference code's choice).
 
     .venv/bin/python benchmarks/bench_explain.py [--variant vit_b32@random] [--batch-size 8] [--repeats 5]
     .venv/bin/python benchmarks/bench_explain.py --auc [--per-class 5]
@@ -27,11 +30,14 @@ import numpy as np
 import torch
 
 from vitlens.data.shapes import iter_shapes_samples
+from vitlens.explain.deletion import deletion_predictions
 from vitlens.explain.evaluate import METHODS, method_importances, perturbation_curves
-from vitlens.explain.gradients import block_head_importance
+from vitlens.explain.gradients import block_head_importance, global_importance
 from vitlens.models.registry import load_variant, zoo_card
+from vitlens.models.zoo import list_zoo_cards
 
-CLS_ZOO = ("shapes_vit_p16", "shapes_vit_p8", "shapes_vit_p8_deep")
+CLS_ZOO = tuple(c["name"] for c in list_zoo_cards() if c["model_kwargs"]["global_pool"] == "token")
+TABLE_METHODS = ("ours", "ours_attn") + METHODS[1:]
 
 
 def wall_time(function: Callable[[], object]) -> float:
@@ -55,21 +61,30 @@ def time_ratio(variant: str, batch_size: int, repeats: int) -> None:
     def explain() -> None:
         block_head_importance(model, images, labels)
 
+    num_image_tokens = model.patch_embed.num_patches
+    order = torch.rand(batch_size, num_image_tokens)
+
+    def curve() -> None:
+        deletion_predictions(model, images, order, "negative")
+
     plain(), explain()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "explain": []}
-    for _ in range(repeats):
+    times: dict[str, list[float]] = {"plain": [], "explain": [], "curve": []}
+    for repeat in range(repeats):
         times["plain"].append(wall_time(plain))
         times["explain"].append(wall_time(explain))
+        if repeat < 2:  # a curve is N+1 forwards: two repeats suffice
+            times["curve"].append(wall_time(curve))
     best = {name: min(values) for name, values in times.items()}
-    print(f"{variant} batch {batch_size}, threads {torch.get_num_threads()}: plain {best['plain']:.3f} s, "
-          f"explain (all blocks x heads) {best['explain']:.3f} s, explain / plain = "
-          f"{best['explain'] / best['plain']:.2f} (target <= 3)")
+    print(f"{variant} batch {batch_size}, threads {torch.get_num_threads()}: "
+          f"explain (all blocks x heads) / plain = {best['explain'] / best['plain']:.2f} (target <= 3); "
+          f"one deletion curve ({num_image_tokens + 1} points) / plain = {best['curve'] / best['plain']:.1f} "
+          f"(ideal (N+1)/2 = {(num_image_tokens + 1) / 2:.1f})")
 
 
 def auc_table(per_class: int, seed: int) -> None:
     """Print the negative / positive AUC of every method for every CLS zoo model."""
-    print("| model | " + " | ".join(METHODS) + " |")
-    print("|---|" + "---|" * len(METHODS))
+    print("| model | " + " | ".join(TABLE_METHODS) + " |")
+    print("|---|" + "---|" * len(TABLE_METHODS))
     for name in CLS_ZOO:
         model = load_variant(name).model.eval()
         data = zoo_card(name)["data"]
@@ -78,9 +93,11 @@ def auc_table(per_class: int, seed: int) -> None:
         pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
         images = (pixels - 0.5) / 0.5  # the zoo's normalisation (mean = std = 0.5)
         labels = torch.tensor([s.class_index for s in samples])
-        curves = perturbation_curves(model, images, labels, method_importances(model, images, labels))
+        importances = method_importances(model, images, labels)
+        importances["ours_attn"] = global_importance(block_head_importance(model, images, labels, "attn"))
+        curves = perturbation_curves(model, images, labels, importances)
         cell = {(c.method, c.test): f"{c.auc:.3f} ({c.reference_auc:.3f})" for c in curves}
-        row = [f"{cell[(m, 'negative')]} / {cell[(m, 'positive')]}" for m in METHODS]
+        row = [f"{cell[(m, 'negative')]} / {cell[(m, 'positive')]}" for m in TABLE_METHODS]
         print(f"| {name} ({len(labels)} images) | " + " | ".join(row) + " |")
 
 

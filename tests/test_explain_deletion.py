@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vitlens.data.shapes import iter_shapes_samples
-from vitlens.explain.deletion import curve_auc, keep_masks, reference_normalised_auc
+from vitlens.explain.deletion import curve_auc, keep_masks, kept_token_counts, reference_normalised_auc
 from vitlens.explain.evaluate import method_importances, perturbation_curves
+from vitlens.explain.gradients import block_head_importance, global_importance
 from vitlens.models.registry import load_variant, zoo_card
 
 
@@ -30,6 +31,25 @@ def test_auc_and_reference_normalisation_by_hand() -> None:
     assert reference_normalised_auc(torch.zeros(3)) == 0.0
 
 
+def test_kept_token_counts_subsets_and_masks() -> None:
+    assert kept_token_counts(4).tolist() == [0, 1, 2, 3, 4]
+    assert kept_token_counts(4, points=9).tolist() == [0, 1, 2, 3, 4]
+    assert kept_token_counts(16, points=5).tolist() == [0, 4, 8, 12, 16]
+    assert kept_token_counts(10, points=4).tolist() == [0, 3, 7, 10]  # round(10/3)=3, round(20/3)=7
+    with pytest.raises(ValueError):
+        kept_token_counts(4, points=1)
+    importance = torch.tensor([[0.1, 0.9, 0.5]])
+    masks = keep_masks(importance, "negative", num_prefix_tokens=1, kept_counts=torch.tensor([0, 2]))
+    assert masks[:, 0].tolist() == [[True, False, False, False], [True, False, True, True]]
+
+
+def test_auc_over_uneven_kept_fractions_by_hand() -> None:
+    accuracy = torch.tensor([0.2, 0.6, 1.0])
+    fraction = torch.tensor([0.0, 0.25, 1.0])
+    # .25*(.2+.6)/2 + .75*(.6+1)/2 = .1 + .6
+    assert curve_auc(accuracy, fraction) == pytest.approx(0.7)
+
+
 def zoo_batch(name: str, per_class: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, np.ndarray]:
     """Images, labels and object masks of a fresh shapes split for a zoo model."""
     loaded = load_variant(name)
@@ -44,56 +64,61 @@ def zoo_batch(name: str, per_class: int, seed: int) -> tuple[torch.nn.Module, to
 
 OURS_FAILS_ON_THE_ZOO = pytest.mark.xfail(
     strict=True,
-    reason="finding, see vitlens/explain/README.md: on the 64-px shapes zoo the summed block/head "
-           "gradients do not single out the object (they are verified equal to per-block autograd)",
+    reason="finding, see vitlens/explain/README.md: on the shapes zoo the summed block/head "
+           "gradients (verified equal to per-block autograd) do not single out the object and do not "
+           "beat random; tests/test_explain_imagenet.py checks the same claims on ImageNet B/32",
 )
-METHODS_UNDER_TEST = [pytest.param("ours", marks=OURS_FAILS_ON_THE_ZOO), "chefer", "rollout"]
+METHODS_UNDER_TEST = [
+    pytest.param("ours", marks=OURS_FAILS_ON_THE_ZOO),  # residual stream (the paper's text)
+    pytest.param("ours_attn", marks=OURS_FAILS_ON_THE_ZOO),  # attention output (the reference code)
+    "chefer",
+    "rollout",
+]
+#: Class evidence only in the object (backgrounds never carry the class hue): "an image whose
+#: class evidence sits in known patches". 16 image tokens of 16 x 16 px.
+OBJECTS_MODEL = "shapes_vit_p16_objects"
 
 
 @pytest.fixture(scope="module")
-def p16_importances() -> tuple:
-    model, images, labels, _ = zoo_batch("shapes_vit_p16", per_class=5, seed=321)
-    return model, images, labels, method_importances(model, images, labels)
+def objects_importances() -> tuple:
+    model, images, labels, masks = zoo_batch(OBJECTS_MODEL, per_class=5, seed=321)
+    importances = method_importances(model, images, labels)
+    importances["ours_attn"] = global_importance(block_head_importance(model, images, labels, "attn"))
+    return model, images, labels, masks, importances
 
 
 @pytest.fixture(scope="module")
-def p16_auc(p16_importances: tuple) -> dict[tuple[str, str], float]:
-    model, images, labels, importances = p16_importances
-    chosen = {name: importances[name] for name in ("ours", "chefer", "rollout", "random")}
+def objects_auc(objects_importances: tuple) -> dict[tuple[str, str], float]:
+    model, images, labels, _, importances = objects_importances
+    chosen = {name: importances[name] for name in ("ours", "ours_attn", "chefer", "rollout", "random")}
     return {(c.method, c.test): c.auc for c in perturbation_curves(model, images, labels, chosen)}
 
 
-@pytest.fixture(scope="module")
-def p8_maps() -> tuple:
-    model, images, labels, masks = zoo_batch("shapes_vit_p8", per_class=2, seed=123)
-    return method_importances(model, images, labels), masks
-
-
 @pytest.mark.parametrize("method", METHODS_UNDER_TEST)
-def test_global_map_ranks_object_patches_above_background(p8_maps: tuple, method: str) -> None:
-    importances, masks = p8_maps
-    importance = importances[method]  # [B, 64]
-    patch = 8
-    grid = masks.reshape(len(masks), 8, patch, 8, patch).mean(axis=(2, 4)).reshape(len(masks), -1)
+def test_global_map_ranks_object_patches_above_background(objects_importances: tuple, method: str) -> None:
+    *_, masks, importances = objects_importances
+    importance = importances[method]  # [B, 16]
+    patch, grid_side = 16, 4
+    grid = masks.reshape(len(masks), grid_side, patch, grid_side, patch).mean(axis=(2, 4)).reshape(len(masks), -1)
     inside = torch.from_numpy(grid > 0.5)  # mostly object
     outside = torch.from_numpy(grid == 0.0)  # pure background
     wins = []
     for image in range(len(masks)):
         if inside[image].any() and outside[image].any():
             wins.append(float(importance[image][inside[image]].mean() > importance[image][outside[image]].mean()))
-    assert len(wins) >= 20
+    assert len(wins) >= 50
     assert np.mean(wins) >= 0.8, wins
 
 
 @pytest.mark.parametrize("method", METHODS_UNDER_TEST)
-def test_negative_auc_beats_random_beats_positive_on_a_zoo_model(p16_auc: dict, method: str) -> None:
-    auc = p16_auc
+def test_negative_auc_beats_random_beats_positive_on_a_zoo_model(objects_auc: dict, method: str) -> None:
+    auc = objects_auc
     assert auc[(method, "negative")] > auc[("random", "negative")] > auc[(method, "positive")]
 
 
-def test_curves_end_with_every_token_kept(p16_importances: tuple) -> None:
+def test_curves_end_with_every_token_kept(objects_importances: tuple) -> None:
     """n = N keeps every token, whatever the order: the plain model's accuracy."""
-    model, images, labels, importances = p16_importances
+    model, images, labels, _, importances = objects_importances
     curves = perturbation_curves(model, images[:20], labels[:20], {"random": importances["random"][:20]})
     with torch.no_grad():
         plain = (model(images[:20]).argmax(1) == labels[:20]).float().mean()

@@ -31,7 +31,7 @@ def test_every_query_is_in_the_report_order():
 
 def test_every_figure_is_a_non_empty_png(toy_report: Path):
     pngs = sorted((toy_report / "figures").glob("*.png"))
-    assert [p.stem for p in pngs] == sorted(f.name for f in FIGURES) and len(pngs) == 8
+    assert [p.stem for p in pngs] == sorted(f.name for f in FIGURES) and len(pngs) == 10
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
@@ -66,7 +66,7 @@ def test_html_links_every_figure_and_table(toy_report: Path):
 
 def test_report_of_a_folder_without_results_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert cli_main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
-    assert "table=tokens" in capsys.readouterr().err
+    assert "no table=... folder" in capsys.readouterr().err
 
 
 def test_report_without_random_twins_or_misclassified_images(tmp_path: Path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vitlens.errors import UserError
-from vitlens.runner.spec import load_job_spec
+from vitlens.runner.spec import ExplainSpec, load_job_spec
 
 GOOD = """
 name = "t"
@@ -38,6 +38,12 @@ def test_good_spec_resolves_paths_against_its_folder(tmp_path: Path) -> None:
     assert spec.resources.max_actors == 2
 
 
+def test_explain_settings_load_with_defaults(tmp_path: Path) -> None:
+    assert load_job_spec(write(tmp_path, GOOD)).explain == ExplainSpec("true", "resid", 0)
+    text = GOOD + '[explain]\ntarget = "predicted"\nsource = "attn"\ncurve_points = 11\n'
+    assert load_job_spec(write(tmp_path, text)).explain == ExplainSpec("predicted", "attn", 11)
+
+
 def test_urls_are_not_resolved(tmp_path: Path) -> None:
     text = GOOD.replace('manifest = "shards/manifest.json"', 'shards = ["https://x/a-000000.tar", "/abs/b.tar"]')
     spec = load_job_spec(write(tmp_path, text))
@@ -56,6 +62,11 @@ def test_urls_are_not_resolved(tmp_path: Path) -> None:
         (('manifest = "shards/manifest.json"', 'manifest = "m.json"\nshards = ["a.tar"]'), "exactly one"),
         (('variants = ["a", "b@random"]', "variants = []"), "variants"),
         (("name", "name = ["), "TOML"),
+        (("max_actors = 2", "max_actors = 2\n[explain]\ntarget = \"mine\""), "explain.target"),
+        (("max_actors = 2", "max_actors = 2\n[explain]\nsource = \"mlp\""), "explain.source"),
+        (("max_actors = 2", "max_actors = 2\n[explain]\ncurve_points = 1"), "explain.curve_points"),
+        (("max_actors = 2", "max_actors = 2\n[explain]\ncurve_points = \"all\""), "explain.curve_points"),
+        (("max_actors = 2", "max_actors = 2\n[explain]\nsteps = 3"), "steps"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, edit: tuple[str, str], fragment: str) -> None:

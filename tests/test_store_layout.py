@@ -38,9 +38,10 @@ def test_atomic_write_leaves_no_temporary_on_failure(tmp_path: Path) -> None:
 
 
 def test_done_markers_and_cleanup(tmp_path: Path) -> None:
-    assert not is_done(tmp_path, "v", "s-000000")
-    write_json_atomic({"rows": 3}, done_marker(tmp_path, "v", "s-000000"))
-    assert is_done(tmp_path, "v", "s-000000")
+    assert not is_done(tmp_path, "v", "s-000000", ("baseline",))
+    write_json_atomic({"rows": 3, "experiments": ["baseline"]}, done_marker(tmp_path, "v", "s-000000"))
+    assert is_done(tmp_path, "v", "s-000000", ("baseline",))
+    assert not is_done(tmp_path, "v", "s-000000", ("baseline", "explain"))
     (tmp_path / "table=tokens").mkdir()
     (tmp_path / "table=tokens" / ".x.parquet.123.tmp").write_text("half")
     assert clean_temporaries(tmp_path) == 1

@@ -9,11 +9,15 @@ from vitlens.models.training import TrainConfig, accuracy, shapes_tensors
 from vitlens.models.zoo import list_zoo_cards, weights_path
 
 CARDS = list_zoo_cards()
-ROLES = {"shapes_vit_p16": "B/32", "shapes_vit_p8": "B/16", "shapes_vit_p8_deep": "L/16", "shapes_vit_gap_p8": "GAP"}
+ROLES = {"shapes_vit_p16": "B/32", "shapes_vit_p8": "B/16", "shapes_vit_p8_deep": "L/16", "shapes_vit_gap_p8": "GAP",
+         "shapes_vit_p16_objects": "B/32"}
 
 
-def test_the_zoo_has_the_four_roles() -> None:
+def test_the_zoo_has_the_four_roles_and_the_object_evidence_model() -> None:
     assert {c["name"]: c["role"] for c in CARDS} == ROLES
+    context = {c["name"]: c["data"]["context_correlation"] for c in CARDS}
+    assert context.pop("shapes_vit_p16_objects") == 0.0  # class evidence in the object only
+    assert set(context.values()) == {0.5}
 
 
 @pytest.mark.parametrize("card", CARDS, ids=[c["name"] for c in CARDS])

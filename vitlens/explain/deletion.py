@@ -1,10 +1,14 @@
 """Deletion (perturbation) tests of METHOD §6 and their areas under the curve.
 
 Tokens are ranked by importance; for n = 0..N the image keeps its prefix tokens plus
-the n most (negative test) or least (positive test) important image tokens, removed
-tokens being excluded as attention keys (METHOD §4, `vitlens.lens.forward`). n = 0 is the
-prefix only. AUC = trapezoid area of top-1 accuracy over the kept fraction n/N ∈ [0, 1];
-the reference code's normalisation is Σ_n acc_n / ((N+1) · max_n acc_n).
+the n most (negative test) or least (positive test) important image tokens (METHOD §4
+token removal: the others are dropped from the sequence after the position embedding).
+n = 0 is the prefix only. AUC = trapezoid area of top-1 accuracy over the kept fraction
+n/N ∈ [0, 1]; the reference code's normalisation is Σ_n acc_n / ((N+1) · max_n acc_n).
+
+Every n costs one forward of the batch on a sequence of P + n tokens, so a curve costs
+about (N+1)/2 full forwards per method and test (B/16: ~99). `kept_token_counts(N, points)` picks an evenly spaced subset (always with 0 and
+N); the AUC is then the trapezoid over those kept fractions.
 """
 
 from __future__ import annotations
@@ -15,60 +19,91 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.lens.anatomy import describe_model
-from vitlens.lens.forward import embed, iter_block_traces, model_logits
+from vitlens.lens.forward import embed, model_logits
 
 DeletionTest = Literal["negative", "positive"]
 DELETION_TESTS: tuple[str, ...] = ("negative", "positive")
 
 
-def keep_masks(importance: torch.Tensor, test: DeletionTest, num_prefix_tokens: int) -> torch.Tensor:
-    """Key-keep masks for every n = 0..N: prefix plus the n first tokens in the test's order.
+def kept_token_counts(num_image_tokens: int, points: int = 0) -> torch.Tensor:
+    """The kept counts n of a curve: every n = 0..N (`points` = 0 or >= N+1), else `points`
+    evenly spaced counts from 0 to N (rounded; 0 and N always included).
+
+    # -> [K] int64, increasing
+    """
+    if points < 0 or points == 1:
+        raise ValueError(f"points must be 0 (every n) or >= 2, got {points}")
+    if points == 0 or points >= num_image_tokens + 1:
+        return torch.arange(num_image_tokens + 1)
+    return torch.linspace(0, num_image_tokens, points, dtype=torch.float64).round().long().unique()
+
+
+def keep_masks(
+    importance: torch.Tensor,
+    test: DeletionTest,
+    num_prefix_tokens: int,
+    kept_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Key-keep masks for every kept count n (default 0..N): prefix plus the n first tokens
+    in the test's order.
 
     Negative test: most important first; positive test: least important first (ties by index).
 
-    # importance: [B, N] -> key_keep: [N+1, B, P+N] bool
+    # importance: [B, N], kept_counts: [K] (default N+1) -> key_keep: [K, B, P+N] bool
     """
     batch, num_image_tokens = importance.shape
+    if kept_counts is None:
+        kept_counts = kept_token_counts(num_image_tokens)
+    kept_counts = kept_counts.to(importance.device)
     order = importance.argsort(dim=1, descending=(test == "negative"), stable=True)  # [B, N]
     position = order.argsort(dim=1)  # [B, N] rank of each token in the order
-    kept_count = torch.arange(num_image_tokens + 1, device=importance.device)  # [N+1]
-    image_keep = position[None, :, :] < kept_count[:, None, None]  # [N+1, B, N]
-    prefix_keep = torch.ones(num_image_tokens + 1, batch, num_prefix_tokens, dtype=torch.bool,
+    image_keep = position[None, :, :] < kept_counts[:, None, None]  # [K, B, N]
+    prefix_keep = torch.ones(len(kept_counts), batch, num_prefix_tokens, dtype=torch.bool,
                              device=importance.device)
     return torch.cat([prefix_keep, image_keep], dim=2)
 
 
-def deletion_curve(
+def deletion_predictions(
     model: VisionTransformer,
     images: torch.Tensor,
-    labels: torch.Tensor,
     importance: torch.Tensor,
     test: DeletionTest,
+    kept_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Correctness of the model's top-1 prediction when keeping n = 0..N tokens.
+    """The model's top-1 prediction when keeping n tokens, for every kept count n (default 0..N).
 
-    # images: [B, 3, H, W], labels: [B], importance: [B, N] -> correct: [N+1, B] bool
+    At a given n every image keeps exactly n image tokens, so the kept tokens are gathered
+    into a shorter sequence (prefix + n, in sequence order) and run through timm's own
+    blocks: the same outputs as excluding the others as attention keys (METHOD §4), at about
+    half the cost of full-length masked forwards over a curve.
+
+    # images: [B, 3, H, W], importance: [B, N], kept_counts: [K] -> predictions: [K, B] int64
     """
     anatomy = describe_model(model)
-    masks = keep_masks(importance, test, anatomy.num_prefix_tokens)  # [N+1, B, T]
-    correct = []
+    prefix = anatomy.num_prefix_tokens
+    if kept_counts is None:
+        kept_counts = kept_token_counts(importance.shape[1])
+    order = importance.argsort(dim=1, descending=(test == "negative"), stable=True)  # [B, N]
+    predictions = []
     with torch.no_grad():
-        hidden = embed(model, images, anatomy)
-        for key_keep in masks:
-            resid = hidden
-            for trace in iter_block_traces(model, hidden, anatomy, key_keep=key_keep):
-                resid = trace.resid_post
-            correct.append(model_logits(model, resid, key_keep).argmax(dim=1) == labels)
-    return torch.stack(correct)
+        hidden = embed(model, images, anatomy)  # [B, P+N, d]
+        width = hidden.shape[-1]
+        for count in kept_counts.tolist():
+            kept = order[:, :count].sort(dim=1).values + prefix  # [B, n] positions in the sequence
+            image_tokens = hidden.gather(1, kept[:, :, None].expand(-1, -1, width))  # [B, n, d]
+            sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
+            predictions.append(model_logits(model, model.blocks(sequence)).argmax(dim=1))
+    return torch.stack(predictions)
 
 
-def curve_auc(accuracy: torch.Tensor) -> float:
-    """Trapezoid area under accuracy over the kept fraction n/N, n = 0..N.
+def curve_auc(accuracy: torch.Tensor, kept_fraction: torch.Tensor | None = None) -> float:
+    """Trapezoid area under accuracy over the kept fraction (default n/N for n = 0..N).
 
-    # accuracy: [N+1] -> scalar
+    # accuracy: [K], kept_fraction: [K] -> scalar
     """
-    fraction = torch.linspace(0.0, 1.0, accuracy.shape[0], dtype=torch.float64)
-    return float(torch.trapezoid(accuracy.double(), fraction))
+    if kept_fraction is None:
+        kept_fraction = torch.linspace(0.0, 1.0, accuracy.shape[0], dtype=torch.float64)
+    return float(torch.trapezoid(accuracy.double(), kept_fraction.double()))
 
 
 def reference_normalised_auc(accuracy: torch.Tensor) -> float:

@@ -44,6 +44,8 @@ REPORT_ORDER: tuple[str, ...] = (
     "fig3a_class_context_by_block", "perturbation_attention", "perturbation_token_removal",
     "fig3b_class_similarity_change", "fig3c_residual_top1_match", "fig4a_class_value_agreement",
     "fig4b_key_value_agreement", "kv_agreement_correct_vs_misclassified", "compositionality",
+    # paper §7 (explainability, experiment `explain`)
+    "explain_importance_by_block", "explain_deletion_curves", "explain_auc",
 )
 
 
@@ -93,7 +95,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, progress: bool = 
                                 test_title, test_table, test_file))
     intro = (f"Results: {Path(results_dir).resolve()}. Every table is one SQL file of queries/ "
              "(header shown above each table); rates are percentages; figures put the normalised "
-             "block (block / L) on the x-axis with one line per variant.")
+             "block (block / L) on the x-axis with one line per variant; the deletion curves put the "
+             "kept fraction of image tokens on the x-axis with one line per method.")
     html_path, md_path = out / "index.html", out / "report.md"
     html_path.write_text(render_html(REPORT_TITLE, intro, sections), encoding="utf-8")
     md_path.write_text(render_markdown(REPORT_TITLE, intro, sections), encoding="utf-8")

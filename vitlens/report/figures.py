@@ -1,9 +1,11 @@
 """The paper's figures drawn from query results with matplotlib (Agg backend, PNG files).
 
-Every figure is a row of panels (one per value of `panel_by`), the normalised block on the
-x-axis (variants of different depth share it) and one line per variant; a random twin
-NAME@random has its variant's colour and a dashed line (a second series of one variant,
-such as misclassified images, is dashed too).
+Every figure is a row of panels (one per value of `panel_by`), by default the normalised
+block on the x-axis (variants of different depth share it) and one line per value of
+`line_by`. With `line_by = "variant"` (the default) a random twin NAME@random has its
+variant's colour and a dashed line (a second series of one variant, such as misclassified
+images, is dashed too); with another column (e.g. `method` for the deletion curves) every
+distinct value gets its own colour and a solid line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import pyarrow as pa  # noqa: E402
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """How to draw one query's result: panels, x column, (y column, line style, legend suffix)s."""
+    """How to draw one query's result: panels, x column, (y column, line style, legend suffix)s.
+
+    `line_by` is the column giving one line (and colour) per distinct value in every panel;
+    `columns` wraps the panels into rows of that many (0: one row).
+    """
 
     name: str
     query: str
@@ -32,6 +38,8 @@ class FigureSpec:
     x: str = "normalised_block"
     xlabel: str = "normalised block (block / L)"
     series_as_panels: bool = False
+    line_by: str = "variant"
+    columns: int = 0
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -64,6 +72,14 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("compositionality", "compositionality",
                "Compositionality of sub-layer predictions", ("sublayer",),
                (("compositional_pct", "-", ""),), "% tokens with a composite top-1"),
+    FigureSpec("explain_deletion_curves", "explain_deletion_curves",
+               "Section 7: deletion curves (negative: most important tokens kept first; "
+               "positive: least important first)", ("variant", "test"),
+               (("accuracy_pct", "-", ""),), "top-1 accuracy %",
+               x="kept_fraction", xlabel="kept fraction of image tokens", line_by="method", columns=4),
+    FigureSpec("explain_importance_by_block", "explain_importance_by_block",
+               "Section 7: mean gradient importance of class- vs context-labelled tokens", ("label",),
+               (("mean_importance", "-", ""),), "mean importance (ours, sum over heads)"),
 )
 
 
@@ -82,31 +98,34 @@ def _panels(spec: FigureSpec, frame: pl.DataFrame) -> list[tuple[str, pl.DataFra
     return panels
 
 
-def _colours(variants: list[str]) -> dict[str, tuple]:
-    """One colour per trained variant; its random twin NAME@random shares it (and is drawn dashed)."""
-    bases = sorted({v.split("@", 1)[0] for v in variants})
+def _colours(values: list[str], twins_share: bool = True) -> dict[str, tuple]:
+    """One colour per value; with `twins_share` a random twin NAME@random shares NAME's colour."""
+    bases = sorted({v.split("@", 1)[0] if twins_share else v for v in values})
     cmap = plt.get_cmap("tab10")
-    return {v: cmap(bases.index(v.split("@", 1)[0]) % 10) for v in variants}
+    return {v: cmap(bases.index(v.split("@", 1)[0] if twins_share else v) % 10) for v in values}
 
 
 def draw_figure(spec: FigureSpec, result: pa.Table, path: Path) -> Path:
     """Draw `spec` from its query's result into the PNG `path` (an empty result gives a note)."""
     frame = pl.from_arrow(result)
     panels = _panels(spec, frame)
-    variants = sorted(frame["variant"].unique().to_list()) if len(frame) else []
-    colours = _colours(variants)
+    by_variant = spec.line_by == "variant"
+    values = sorted(str(v) for v in frame[spec.line_by].drop_nulls().unique().to_list()) if len(frame) else []
+    colours = _colours(values, twins_share=by_variant)
     ncols = len(spec.series) if spec.series_as_panels else max(1, len(panels))
+    if spec.columns:
+        ncols = min(ncols, spec.columns)
     nrows = max(1, -(-len(panels) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols + 2.2, 3.3 * nrows), squeeze=False, sharey=True)
     for ax, (title, rows, series) in zip(axes.flat, panels):
-        for variant in variants:
-            lines = rows.filter(pl.col("variant") == variant).sort(spec.x)
+        for value in values:
+            lines = rows.filter(pl.col(spec.line_by).cast(pl.String) == value).sort(spec.x)
             for column, style, suffix in series:
                 if len(lines) and lines[column].null_count() < len(lines):
-                    if len(series) == 1 and variant.endswith("@random"):
+                    if by_variant and len(series) == 1 and value.endswith("@random"):
                         style = "--"
                     ax.plot(lines[spec.x], lines[column], style, marker="o", markersize=3,
-                            color=colours[variant], label=f"{variant}{suffix}")
+                            color=colours[value], label=f"{value}{suffix}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(spec.xlabel)
         ax.grid(alpha=0.3)

@@ -2,7 +2,7 @@
 
 Convention (queries/README.md): each file is one DuckDB statement over the views that
 `vitlens.report.results.open_results` registers (`tokens`, `images`, `params`, `runs`,
-`rejects`); its first line is `-- title: ...`, the header comment names the paper's
+`rejects`, `explain`, `perturbation_curves`); its first line is `-- title: ...`, the header comment names the paper's
 table/figure and the columns. `queries/*.sql` are the paper's tables; `queries/stats/*.sql`
 are the per-unit inputs of the statistical tests.
 """

@@ -42,12 +42,12 @@ class ShardActor:
         """Where the actor runs and how long loading its variant took."""
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "load_seconds": self.load_seconds}
 
-    def process(self, shard_url: str, stem: str) -> dict[str, Any]:
-        """Analyse one shard; returns its statistics (rows, images, rejects, seconds)."""
+    def process(self, shard_url: str, stem: str, experiments: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Analyse one shard with `experiments` (default: all of the job's); returns its statistics."""
         if os.environ.get(INJECT_SHARD_ERROR_ENV) == stem:
             raise RuntimeError(f"injected analysis error for shard {stem}")
         time.sleep(float(os.environ.get(INJECT_SHARD_DELAY_ENV, "0")))
-        return self.processor.process(shard_url, stem, on_batch=_maybe_die)
+        return self.processor.process(shard_url, stem, on_batch=_maybe_die, experiments=experiments)
 
 
 def _maybe_die(batch_index: int) -> None:

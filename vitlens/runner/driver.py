@@ -80,7 +80,8 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     check_variants(job)
     if os.path.isdir(job.output):
         clean_temporaries(job.output)  # a killed earlier run's half-written files
-    queue = WorkQueue.build(job.output, job.variants, urls, max_attempts=1 + job.resources.max_task_retries)
+    queue = WorkQueue.build(job.output, job.variants, urls, job.experiments,
+                            max_attempts=1 + job.resources.max_task_retries)
     report = JobReport(shards_total=len(urls) * len(job.variants), shards_skipped=len(queue.skipped), shards_done=0)
     if queue.total() == 0:
         report.wall_seconds = time.perf_counter() - started
@@ -119,7 +120,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
                         ray.kill(slot.actor)
                         slots.remove(slot)
                         continue
-                    slot.item, slot.ref = item, slot.actor.process.remote(item.shard_url, item.stem)
+                    slot.item, slot.ref = item, slot.actor.process.remote(item.shard_url, item.stem, item.experiments)
             busy = [s for s in slots if s.ref is not None]
             if not busy:
                 continue

@@ -9,16 +9,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from vitlens.store.layout import is_done, shard_stem
+from vitlens.store.layout import done_experiments, shard_stem
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One shard to analyse with one variant (every experiment of the job)."""
+    """One shard to analyse with one variant: the experiments of the job not yet done on it."""
 
     variant: str
     shard_url: str
     stem: str
+    experiments: tuple[str, ...]
     attempt: int = 1
 
 
@@ -33,18 +34,28 @@ class WorkQueue:
     skipped: list[WorkItem] = field(default_factory=list)
 
     @classmethod
-    def build(cls, output_root: str, variants: tuple[str, ...], shard_urls: list[str], max_attempts: int) -> "WorkQueue":
-        """Queue every (variant, shard) whose done-marker is missing; remember the skipped."""
+    def build(
+        cls,
+        output_root: str,
+        variants: tuple[str, ...],
+        shard_urls: list[str],
+        experiments: tuple[str, ...],
+        max_attempts: int,
+    ) -> "WorkQueue":
+        """Queue every (variant, shard) with the experiments its done-marker does not list;
+        remember the (variant, shard)s with nothing left to do as skipped."""
         queue = cls(max_attempts=max_attempts)
         for variant in variants:
             queue.pending[variant] = deque()
             queue.in_flight[variant] = 0
             for url in shard_urls:
-                item = WorkItem(variant=variant, shard_url=url, stem=shard_stem(url))
-                if is_done(output_root, variant, item.stem):
-                    queue.skipped.append(item)
-                else:
+                stem = shard_stem(url)
+                done = done_experiments(output_root, variant, stem)
+                item = WorkItem(variant, url, stem, tuple(e for e in experiments if e not in done))
+                if item.experiments:
                     queue.pending[variant].append(item)
+                else:
+                    queue.skipped.append(item)
         return queue
 
     def total(self) -> int:
@@ -77,7 +88,7 @@ class WorkQueue:
         """Requeue a failed shard until `max_attempts`; returns True when it was requeued."""
         self.in_flight[item.variant] -= 1
         if item.attempt < self.max_attempts:
-            retry = WorkItem(item.variant, item.shard_url, item.stem, item.attempt + 1)
+            retry = WorkItem(item.variant, item.shard_url, item.stem, item.experiments, item.attempt + 1)
             self.pending[item.variant].appendleft(retry)
             return True
         self.failed.append((item, reason))

@@ -1,8 +1,9 @@
 """Analyse one shard with one loaded variant under every experiment of a job (no Ray here).
 
 `ShardProcessor` reads the shard once; each batch goes through every experiment's lens
-run, the results become `tokens`/`images` rows (vitlens.store.records) streamed into
-staged files, and only when every file of the shard is complete are they renamed into
+run (or, for `explain`, `vitlens.explain.evaluate.explain_batch`), the results become
+`tokens`/`images` (or `explain`/`perturbation_curves`) rows (vitlens.store.records,
+vitlens.store.explain_records) streamed into staged files, and only when every file of the shard is complete are they renamed into
 place and the done-marker written. A crash at any point leaves no partial file behind.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from datetime import datetime, timezone
@@ -23,6 +25,7 @@ from vitlens.data.manifest import shard_urls
 from vitlens.data.reader import iter_shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
 from vitlens.errors import UserError
+from vitlens.explain.evaluate import explain_batch
 from vitlens.lens import Lens, token_keep_from_labels
 from vitlens.lens.memories import SUBLAYERS, value_vectors
 from vitlens.metrics.sublayers import class_value_agreement
@@ -31,15 +34,22 @@ from vitlens.runner.spec import DataSpec, JobSpec
 from vitlens.store.layout import (
     NO_EXPERIMENT,
     StagedParquetWriter,
+    done_experiments,
     done_marker,
     table_file,
     write_json_atomic,
     write_parquet_atomic,
 )
+from vitlens.store.explain_records import explain_table, perturbation_curves_table
 from vitlens.store.records import images_table, tokens_table
 from vitlens.store.schema import SCHEMA_VERSION, schema_of, to_table
 
-#: experiment -> (attention perturbation, label of the image tokens to remove)
+#: The experiment that runs the explainability methods instead of the lens, and its tables.
+EXPLAIN_EXPERIMENT = "explain"
+EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
+LENS_TABLES: tuple[str, ...] = ("tokens", "images")
+
+#: lens experiment -> (attention perturbation, label of the image tokens to remove)
 EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
     "baseline": (None, None),
     "attn_self_only": ("self_only", None),
@@ -67,9 +77,20 @@ def check_variants(job: JobSpec) -> None:
             raise UserError(f"checkpoints.{variant}: {checkpoint} does not exist")
 
 
-def applicable_experiments(experiments: tuple[str, ...], has_class_token: bool) -> tuple[str, ...]:
-    """The experiments that exist for a model: `attn_no_cls` needs a CLS token (GAP has none)."""
-    return tuple(e for e in experiments if has_class_token or e != "attn_no_cls")
+def applicable_experiments(
+    experiments: tuple[str, ...], has_class_token: bool, pools_class_token: bool
+) -> tuple[str, ...]:
+    """The experiments that exist for a model: `attn_no_cls` needs a CLS token (GAP has none);
+    `explain` differentiates the projection of the CLS token that the head reads."""
+    return tuple(
+        e for e in experiments
+        if (has_class_token or e != "attn_no_cls") and (pools_class_token or e != EXPLAIN_EXPERIMENT)
+    )
+
+
+def tables_of(experiment: str) -> tuple[str, ...]:
+    """The tables an experiment writes."""
+    return EXPLAIN_TABLES if experiment == EXPLAIN_EXPERIMENT else LENS_TABLES
 
 
 class ShardProcessor:
@@ -87,7 +108,8 @@ class ShardProcessor:
         self.patch_size = tuple(self.model.patch_embed.patch_size)
         self.has_class_token = self.lens.anatomy.has_class_token
         self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
-        self.experiments = applicable_experiments(job.experiments, self.has_class_token)
+        pools_class_token = self.has_class_token and self.lens.anatomy.global_pool == "token"
+        self.experiments = applicable_experiments(job.experiments, self.has_class_token, pools_class_token)
         self._write_params()
 
     def _write_params(self) -> None:
@@ -113,16 +135,31 @@ class ShardProcessor:
         })
         write_parquet_atomic(table, path)
 
-    def process(self, shard_url: str, stem: str, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Analyse one shard; returns {variant, shard, images, rows, rejects, seconds}."""
+    def process(
+        self,
+        shard_url: str,
+        stem: str,
+        on_batch: Callable[[int], None] | None = None,
+        experiments: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
+        """Analyse one shard with `experiments` (default: every experiment of the job), then
+        write the done-marker listing them with those done before.
+
+        Returns {variant, shard, images, rows, rejects, seconds, experiments}.
+        """
         started = time.perf_counter()
+        requested = self.job.experiments if experiments is None else tuple(experiments)
+        unknown = [e for e in requested if e not in self.job.experiments]
+        if unknown:
+            raise ValueError(f"experiments {unknown} are not in job {self.job.name!r}")
+        run = [e for e in self.experiments if e in requested]
         rejects: list[tuple[str, str]] = []
         writers = {
             (table, experiment): StagedParquetWriter(
                 table_file(self.job.output, table, self.variant, experiment, stem), schema_of(table)
             )
-            for experiment in self.experiments
-            for table in ("tokens", "images")
+            for experiment in run
+            for table in tables_of(experiment)
         }
         images = 0
         try:
@@ -132,10 +169,10 @@ class ShardProcessor:
             )
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
-                for experiment in self.experiments:
-                    tokens, image_rows = self._analyse(batch, experiment)
-                    writers["tokens", experiment].write(tokens)
-                    writers["images", experiment].write(image_rows)
+                for experiment in run:
+                    rows = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else self._analyse(batch, experiment)
+                    for table, table_rows in zip(tables_of(experiment), rows):
+                        writers[table, experiment].write(table_rows)
                 if on_batch is not None:
                     on_batch(batch_index)
             reject_rows = to_table("rejects", {
@@ -151,10 +188,12 @@ class ShardProcessor:
             raise
         for writer in writers.values():
             writer.commit()
-        rows = sum(w.rows for (table, _), w in writers.items() if table == "tokens")
+        rows = sum(w.rows for (table, _), w in writers.items() if table in ("tokens", "explain"))
+        # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
+        done = sorted(done_experiments(self.job.output, self.variant, stem) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
-            "rejects": len(rejects), "seconds": time.perf_counter() - started,
+            "rejects": len(rejects), "seconds": time.perf_counter() - started, "experiments": done,
         }
         write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
         return stats
@@ -171,6 +210,20 @@ class ShardProcessor:
         return (
             tokens_table(result, batch.keys, batch.fg_fraction, batch.token_label, self.has_class_token),
             images_table(result, batch.keys, batch.shard, names, batch.token_label),
+        )
+
+
+    def _explain(self, batch: Any) -> tuple[Any, Any]:
+        """Run the explainability methods and deletion tests on one batch: (explain, curves) rows."""
+        settings = self.job.explain
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.class_index.to(self.device)
+        seed = zlib.crc32("\n".join(batch.keys).encode())  # the random baseline, stable per batch
+        result = explain_batch(self.model, images, labels, settings.target, settings.source,
+                               settings.curve_points, seed)
+        return (
+            explain_table(result, batch.keys, batch.token_label, batch.fg_fraction, self.num_prefix_tokens),
+            perturbation_curves_table(result, batch.keys),
         )
 
 

@@ -23,6 +23,11 @@ Example (`jobs/demo.toml`)::
     device = "auto"          # auto | cpu | cuda
     cpus_per_actor = 1
     max_actors = 2           # CPU actors when no GPU; with GPUs: one actor per (variant, GPU)
+
+    [explain]                # settings of the "explain" experiment (paper §7), all optional
+    target = "true"          # class of interest: true | predicted
+    source = "resid"         # CLS of the residual stream (paper) | attn (the reference code)
+    curve_points = 0         # kept counts per deletion curve: 0 = every n = 0..N, else K evenly spaced
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ EXPERIMENTS: tuple[str, ...] = (
     "attn_no_cls",
     "remove_class_tokens",
     "remove_context_tokens",
+    "explain",
 )
+EXPLAIN_TARGETS: tuple[str, ...] = ("true", "predicted")
+EXPLAIN_SOURCES: tuple[str, ...] = ("resid", "attn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
@@ -65,6 +73,23 @@ class ResourceSpec:
 
 
 @dataclass(frozen=True)
+class ExplainSpec:
+    """Settings of the `explain` experiment (METHOD §6)."""
+
+    target: str = "true"  # class of interest: the label or the model's prediction
+    source: str = "resid"  # CLS token of the residual stream after block b, or of the attention output
+    curve_points: int = 0  # kept counts per deletion curve: 0 = all n = 0..N
+
+    def __post_init__(self) -> None:
+        if self.target not in EXPLAIN_TARGETS:
+            raise UserError(f"job spec: 'explain.target' must be one of {list(EXPLAIN_TARGETS)}")
+        if self.source not in EXPLAIN_SOURCES:
+            raise UserError(f"job spec: 'explain.source' must be one of {list(EXPLAIN_SOURCES)}")
+        if self.curve_points < 0 or self.curve_points == 1:
+            raise UserError("job spec: 'explain.curve_points' must be 0 (every kept count) or >= 2")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole analysis job; see the module docstring for the TOML form."""
 
@@ -75,6 +100,7 @@ class JobSpec:
     experiments: tuple[str, ...] = ("baseline",)
     batch_size: int = 32
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+    explain: ExplainSpec = field(default_factory=ExplainSpec)
     checkpoints: tuple[tuple[str, str], ...] = ()  # (variant, local weight file) pairs
 
     def checkpoint_for(self, variant: str) -> str | None:
@@ -146,6 +172,12 @@ def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     res_raw = _typed(raw, "resources", dict, "", path) if "resources" in raw else {}
     _check_keys(res_raw, {f.name for f in fields(ResourceSpec)}, "[resources]", path)
     resources = ResourceSpec(**res_raw)
+    explain_raw = _typed(raw, "explain", dict, "", path) if "explain" in raw else {}
+    _check_keys(explain_raw, {f.name for f in fields(ExplainSpec)}, "[explain]", path)
+    for key, kind in (("target", str), ("source", str), ("curve_points", int)):
+        if key in explain_raw:
+            _typed(explain_raw, key, kind, "explain.", path)
+    explain = ExplainSpec(**explain_raw)
     variants = _typed(raw, "variants", list, "", path)
     experiments = _typed(raw, "experiments", list, "", path) if "experiments" in raw else ["baseline"]
     ckpt_raw = _typed(raw, "checkpoints", dict, "", path) if "checkpoints" in raw else {}
@@ -162,5 +194,6 @@ def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
         experiments=tuple(str(e) for e in experiments),
         batch_size=_typed(raw, "batch_size", int, "", path) if "batch_size" in raw else 32,
         resources=resources,
+        explain=explain,
         checkpoints=tuple((v, _resolve(base, f)) for v, f in sorted(ckpt_raw.items())),
     )

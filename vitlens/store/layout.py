@@ -7,12 +7,14 @@ Layout (hive partitions, one file per (table, variant, experiment, shard))::
     ROOT/table=params/variant=V/experiment=none/params.parquet
     ROOT/table=rejects/variant=V/experiment=none/<shard>.parquet
     ROOT/table=runs/variant=all/experiment=none/<run_id>.parquet
-    ROOT/_done/variant=V/<shard>.json        (written last, after every table of the shard)
+    ROOT/_done/variant=V/<shard>.json        (written last, after every table of the shard;
+                                              lists the experiments done on it)
 
 File names come from the shard name, so a re-run overwrites rather than adds. Every file
 is written under a temporary name in the same folder and renamed into place, so a reader
 (or a killed writer) never sees half a file. A shard counts as done only when its marker
-exists; a re-run skips done shards and rewrites the others from scratch.
+exists; a re-run skips the experiments a shard's marker lists and runs the others, so adding
+an experiment to a finished job analyses only that experiment.
 """
 
 from __future__ import annotations
@@ -90,9 +92,22 @@ def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def is_done(root: str | Path, variant: str, stem: str) -> bool:
-    """Whether (variant, shard) was completely written by an earlier run."""
-    return done_marker(root, variant, stem).is_file()
+def done_experiments(root: str | Path, variant: str, stem: str) -> frozenset[str]:
+    """The experiments whose tables of (variant, shard) were completely written by earlier runs
+    (empty without a marker, or for a marker that lists none)."""
+    path = done_marker(root, variant, stem)
+    if not path.is_file():
+        return frozenset()
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return frozenset()  # an unreadable marker: redo the shard
+    return frozenset(payload.get("experiments", ())) if isinstance(payload, dict) else frozenset()
+
+
+def is_done(root: str | Path, variant: str, stem: str, experiments: tuple[str, ...]) -> bool:
+    """Whether every one of `experiments` of (variant, shard) was written by earlier runs."""
+    return set(experiments) <= done_experiments(root, variant, stem)
 
 
 def clean_temporaries(root: str | Path) -> int:

@@ -9,6 +9,12 @@ Tables (one row each of):
 - `params`:  variant × block × sub-layer × class (class-value agreement, parameters only)
 - `rejects`: sample or shard that could not be processed, with the reason
 - `runs`:    one run of a job (spec, versions, timings)
+- `explain`: image × method × block × image token importance (experiment `explain`): the
+             paper's gradients per block with the heads as a list (`method = 'ours'`, blocks
+             1..L; the global map is their sum over blocks), and the baselines' global maps
+             (block null). Per head and token rather than per token only: B/16 has 12 × 196
+             `ours` rows per image, a fraction of its `tokens` rows.
+- `perturbation_curves`: image × method × deletion test × kept count (experiment `explain`)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -96,12 +102,40 @@ RUNS = pa.schema(
     ]
 )
 
+EXPLAIN = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("class_of_interest", pa.int32(), nullable=False),  # c of the gradients / relevancy
+        pa.field("method", _dict, nullable=False),  # ours | chefer | attention | rollout | random
+        pa.field("block", pa.int16()),  # ours: 1..L; null for a method's global map
+        pa.field("token", pa.int16(), nullable=False),  # position in the full sequence (prefix first)
+        pa.field("label", _dict, nullable=False),  # class | context | ignore
+        pa.field("fg_fraction", pa.float32(), nullable=False),
+        pa.field("importance", pa.float32(), nullable=False),  # ours: sum over heads; higher = more important
+        pa.field("head_importance", pa.list_(pa.float32())),  # ours: one value per head; else null
+    ]
+)
+
+PERTURBATION_CURVES = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("method", _dict, nullable=False),
+        pa.field("test", _dict, nullable=False),  # negative (most important kept first) | positive
+        pa.field("kept_tokens", pa.int16(), nullable=False),  # n image tokens kept (plus the prefix)
+        pa.field("kept_fraction", pa.float32(), nullable=False),  # n / N
+        pa.field("prediction", pa.int32(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),  # prediction == true class
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "tokens": TOKENS,
     "images": IMAGES,
     "params": PARAMS,
     "rejects": REJECTS,
     "runs": RUNS,
+    "explain": EXPLAIN,
+    "perturbation_curves": PERTURBATION_CURVES,
 }
 
 
