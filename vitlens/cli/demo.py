@@ -13,7 +13,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         help="build the shapes shards, run the zoo job, write the report, print the headline numbers",
         description=(
             "Writes the embedded shapes set as shards (OUT/shards), runs the demo job "
-            "(zoo models and their random twins, every Section 5-6 experiment) into OUT/results, "
+            "(zoo models and their random twins, every Section 5-7 experiment) into OUT/results, "
             "writes the report (tables, figures, index.html) into OUT/report and prints Table 1. "
             "Re-running resumes: shards and finished (variant, shard) pairs are kept."
         ),
