@@ -6,21 +6,16 @@ import pytest
 import torch
 
 from vitlens.data.shapes import iter_shapes_samples
-from vitlens.explain.deletion import curve_auc, keep_masks, kept_token_counts, reference_normalised_auc
+from vitlens.explain.deletion import curve_auc, deletion_order, kept_token_counts, reference_normalised_auc
 from vitlens.explain.evaluate import method_importances, perturbation_curves
 from vitlens.explain.gradients import block_head_importance, global_importance
 from vitlens.models.registry import load_variant, zoo_card
 
 
-def test_keep_masks_follow_the_order() -> None:
-    importance = torch.tensor([[0.1, 0.9, 0.5]])
-    negative = keep_masks(importance, "negative", num_prefix_tokens=1)
-    positive = keep_masks(importance, "positive", num_prefix_tokens=1)
-    assert negative.shape == (4, 1, 4)
-    assert negative[:, 0].tolist() == [[True, False, False, False], [True, False, True, False],
-                                       [True, False, True, True], [True, True, True, True]]
-    assert positive[:, 0].tolist() == [[True, False, False, False], [True, True, False, False],
-                                       [True, True, False, True], [True, True, True, True]]
+def test_deletion_order_by_hand() -> None:
+    importance = torch.tensor([[0.1, 0.9, 0.5, 0.5]])
+    assert deletion_order(importance, "negative").tolist() == [[1, 2, 3, 0]]  # tie 2/3: lower index first
+    assert deletion_order(importance, "positive").tolist() == [[0, 2, 3, 1]]
 
 
 def test_auc_and_reference_normalisation_by_hand() -> None:
@@ -31,16 +26,13 @@ def test_auc_and_reference_normalisation_by_hand() -> None:
     assert reference_normalised_auc(torch.zeros(3)) == 0.0
 
 
-def test_kept_token_counts_subsets_and_masks() -> None:
+def test_kept_token_counts_subsets() -> None:
     assert kept_token_counts(4).tolist() == [0, 1, 2, 3, 4]
     assert kept_token_counts(4, points=9).tolist() == [0, 1, 2, 3, 4]
     assert kept_token_counts(16, points=5).tolist() == [0, 4, 8, 12, 16]
     assert kept_token_counts(10, points=4).tolist() == [0, 3, 7, 10]  # round(10/3)=3, round(20/3)=7
     with pytest.raises(ValueError):
         kept_token_counts(4, points=1)
-    importance = torch.tensor([[0.1, 0.9, 0.5]])
-    masks = keep_masks(importance, "negative", num_prefix_tokens=1, kept_counts=torch.tensor([0, 2]))
-    assert masks[:, 0].tolist() == [[True, False, False, False], [True, False, True, True]]
 
 
 def test_auc_over_uneven_kept_fractions_by_hand() -> None:

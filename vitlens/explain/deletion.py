@@ -38,29 +38,13 @@ def kept_token_counts(num_image_tokens: int, points: int = 0) -> torch.Tensor:
     return torch.linspace(0, num_image_tokens, points, dtype=torch.float64).round().long().unique()
 
 
-def keep_masks(
-    importance: torch.Tensor,
-    test: DeletionTest,
-    num_prefix_tokens: int,
-    kept_counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Key-keep masks for every kept count n (default 0..N): prefix plus the n first tokens
-    in the test's order.
+def deletion_order(importance: torch.Tensor, test: DeletionTest) -> torch.Tensor:
+    """Image-token indices in the order a deletion test keeps them: most important first
+    (negative test) or least important first (positive test); ties by lower index.
 
-    Negative test: most important first; positive test: least important first (ties by index).
-
-    # importance: [B, N], kept_counts: [K] (default N+1) -> key_keep: [K, B, P+N] bool
+    # importance: [B, N] -> order: [B, N] int64
     """
-    batch, num_image_tokens = importance.shape
-    if kept_counts is None:
-        kept_counts = kept_token_counts(num_image_tokens)
-    kept_counts = kept_counts.to(importance.device)
-    order = importance.argsort(dim=1, descending=(test == "negative"), stable=True)  # [B, N]
-    position = order.argsort(dim=1)  # [B, N] rank of each token in the order
-    image_keep = position[None, :, :] < kept_counts[:, None, None]  # [K, B, N]
-    prefix_keep = torch.ones(len(kept_counts), batch, num_prefix_tokens, dtype=torch.bool,
-                             device=importance.device)
-    return torch.cat([prefix_keep, image_keep], dim=2)
+    return importance.argsort(dim=1, descending=(test == "negative"), stable=True)
 
 
 def deletion_predictions(
@@ -83,7 +67,7 @@ def deletion_predictions(
     prefix = anatomy.num_prefix_tokens
     if kept_counts is None:
         kept_counts = kept_token_counts(importance.shape[1])
-    order = importance.argsort(dim=1, descending=(test == "negative"), stable=True)  # [B, N]
+    order = deletion_order(importance, test)  # [B, N]
     predictions = []
     with torch.no_grad():
         hidden = embed(model, images, anatomy)  # [B, P+N, d]
