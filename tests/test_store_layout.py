@@ -10,7 +10,7 @@ import pytest
 from vitlens.store.layout import (
     clean_temporaries,
     done_marker,
-    is_done,
+    done_experiments,
     shard_stem,
     table_file,
     write_json_atomic,
@@ -38,10 +38,9 @@ def test_atomic_write_leaves_no_temporary_on_failure(tmp_path: Path) -> None:
 
 
 def test_done_markers_and_cleanup(tmp_path: Path) -> None:
-    assert not is_done(tmp_path, "v", "s-000000", ("baseline",))
+    assert done_experiments(tmp_path, "v", "s-000000") == frozenset()
     write_json_atomic({"rows": 3, "experiments": ["baseline"]}, done_marker(tmp_path, "v", "s-000000"))
-    assert is_done(tmp_path, "v", "s-000000", ("baseline",))
-    assert not is_done(tmp_path, "v", "s-000000", ("baseline", "explain"))
+    assert done_experiments(tmp_path, "v", "s-000000") == {"baseline"}
     (tmp_path / "table=tokens").mkdir()
     (tmp_path / "table=tokens" / ".x.parquet.123.tmp").write_text("half")
     assert clean_temporaries(tmp_path) == 1

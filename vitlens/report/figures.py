@@ -1,6 +1,7 @@
 """The paper's figures drawn from query results with matplotlib (Agg backend, PNG files).
 
-Every figure is a row of panels (one per value of `panel_by`), by default the normalised
+Every figure is a grid of panels (one per value of `panel_by`; one row unless the spec sets
+`columns`), by default the normalised
 block on the x-axis (variants of different depth share it) and one line per value of
 `line_by`. With `line_by = "variant"` (the default) a random twin NAME@random has its
 variant's colour and a dashed line (a second series of one variant, such as misclassified

@@ -3,8 +3,9 @@
 `ShardProcessor` reads the shard once; each batch goes through every experiment's lens
 run (or, for `explain`, `vitlens.explain.evaluate.explain_batch`), the results become
 `tokens`/`images` (or `explain`/`perturbation_curves`) rows (vitlens.store.records,
-vitlens.store.explain_records) streamed into staged files, and only when every file of the shard is complete are they renamed into
-place and the done-marker written. A crash at any point leaves no partial file behind.
+vitlens.store.explain_records) streamed into staged files, and only when every file of
+the shard is complete are they renamed into place and the done-marker written. A crash
+at any point leaves no partial file behind.
 """
 
 from __future__ import annotations

@@ -105,10 +105,6 @@ def done_experiments(root: str | Path, variant: str, stem: str) -> frozenset[str
     return frozenset(payload.get("experiments", ())) if isinstance(payload, dict) else frozenset()
 
 
-def is_done(root: str | Path, variant: str, stem: str, experiments: tuple[str, ...]) -> bool:
-    """Whether every one of `experiments` of (variant, shard) was written by earlier runs."""
-    return set(experiments) <= done_experiments(root, variant, stem)
-
 
 def clean_temporaries(root: str | Path) -> int:
     """Remove temporary files a killed writer left behind; returns how many."""
