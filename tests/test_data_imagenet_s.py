@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vitlens.data.imagenet_s import MERGED_SYNSETS, imagenet1k_index, load_categ
 from vitlens.data.manifest import read_manifest, shard_urls
 from vitlens.data.reader import iter_batches
 from vitlens.errors import UserError
+from vitlens.models.class_names import class_names_for
 
 SYNSETS_1K = sorted(ImageNetInfo().label_names())  # ILSVRC-2012 order = sorted wnids
 
@@ -99,7 +101,8 @@ def test_converted_samples(fixture_tree: ImageNetSFixture, converted: Path) -> N
         assert meta["wnid"] == image.label_wnid
         assert meta["folder_wnid"] == image.folder_wnid
         assert meta["class_index"] == SYNSETS_1K.index(image.label_wnid)
-        assert meta["class_name"] == ImageNetInfo().index_to_description(meta["class_index"])
+        # The one definition: the first synonym of timm's description ("tench, Tinca tinca" -> "tench").
+        assert meta["class_name"] == ImageNetInfo().index_to_description(meta["class_index"]).split(",")[0]
         assert meta["source"] == f"{DATASET_DIR}/validation/{image.folder_wnid}/{image.name}.JPEG"
         assert meta["dataset"] == "imagenet_s919" and meta["split"] == "validation"
     relabelled = json.loads(samples["n01443537_ILSVRC2012_val_00000020"]["meta.json"])
@@ -182,3 +185,51 @@ def test_colliding_sample_keys_are_rejected(fixture_tree, tmp_path: Path) -> Non
     collisions = [r for r in manifest["rejects"] if "already used" in r["reason"]]
     assert len(collisions) == 1 and "ILSVRC2012_val_00000011" in collisions[0]["path"]
     assert sum(s["samples"] for s in manifest["shards"]) == 9
+
+
+def test_class_name_is_the_models_class_name(converted: Path) -> None:
+    """One definition: the shard meta's class_name is the name the models report."""
+    samples = _samples(converted)
+    model_names = class_names_for(1000)
+    metas = [json.loads(sample["meta.json"]) for sample in samples.values()]
+    assert {meta["class_index"] for meta in metas} >= {0, 1, 2}
+    for meta in metas:
+        assert meta["class_name"] == model_names[meta["class_index"]]
+    tench = [meta for meta in metas if meta["class_index"] == 0]
+    assert tench and {meta["class_name"] for meta in tench} == {"tench"}
+    assert model_names[0] == "tench" and model_names[1] == "goldfish"
+    assert read_manifest(converted)["class_names"][:2] == ["tench", "goldfish"]
+
+
+def test_per_class_all_converts_every_image(fixture_tree: ImageNetSFixture, tmp_path: Path) -> None:
+    code = main([
+        "shards", "imagenet-s", "--root", str(fixture_tree.root), "--per-class", "all",
+        "--shard-size", "4", "--out", str(tmp_path),
+    ])
+    assert code == 3  # the fixture's bad images are still rejected
+    good = {f"{img.folder_wnid}_{img.name}" for images in fixture_tree.good.values() for img in images}
+    assert len(good) == 6 + 2 + 2  # tench 6, merged 2, goldfish 2: every good image
+    assert set(_samples(tmp_path)) == good
+    manifest = read_manifest(tmp_path)
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 2]
+    assert {r["path"] for r in manifest["rejects"]} == set(fixture_tree.rejects)
+    assert manifest["created_by"]["options"]["per_class"] == "all"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "some", "1.5"])
+def test_per_class_must_be_a_positive_count_or_all(fixture_tree, tmp_path: Path, value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shards", "imagenet-s", "--root", str(fixture_tree.root), "--per-class", value, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_manifest_records_the_root_as_an_absolute_path(
+    fixture_tree: ImageNetSFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(fixture_tree.root.parent)
+    relative = fixture_tree.root.name  # e.g. "imagenet_s0", relative to the working directory
+    assert not Path(relative).is_absolute()
+    code = main(["shards", "imagenet-s", "--root", relative, "--per-class", "1", "--out", str(tmp_path)])
+    assert code == 3
+    recorded = read_manifest(tmp_path)["created_by"]["options"]["root"]
+    assert recorded == os.path.realpath(fixture_tree.root) and os.path.isabs(recorded)

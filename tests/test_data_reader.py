@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from vitlens.data.geometry import EvalGeometry
-from vitlens.data.reader import iter_shard_batches
+from vitlens.data.reader import ShardReadError, iter_shard_batches
 from vitlens.data.sample_format import EncodedSample, SampleMeta, encode_mask, encode_png
 from vitlens.data.shard_writer import ShardWriter
 from vitlens.errors import UserError
@@ -88,13 +91,50 @@ def test_default_reject_handler_warns(tmp_path: Path) -> None:
 
 
 def test_truncated_shard_keeps_what_was_read(tmp_path: Path) -> None:
+    """Every complete sample before the break arrives; then ShardReadError, not a reject."""
     path = _write_shard(tmp_path, [_sample(i) for i in range(6)])
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     rejects: list[tuple[str, str, str]] = []
-    keys = [k for b in iter_shard_batches(str(path), GEOMETRY, 1, 8, 0, on_reject=lambda *r: rejects.append(r)) for k in b.keys]
+    keys: list[str] = []
+    with pytest.raises(ShardReadError) as raised:
+        for batch in iter_shard_batches(str(path), GEOMETRY, 1, 8, 0, on_reject=lambda *r: rejects.append(r)):
+            keys.extend(batch.keys)
     assert keys == [f"sample{i:03d}" for i in range(len(keys))] and 1 <= len(keys) < 6
-    assert len(rejects) == 1 and rejects[0][1] == "*" and "unreadable" in rejects[0][2]
+    assert rejects == []
+    assert raised.value.reason.startswith(f"shard truncated after {len(keys)} samples: ")
+
+
+_UNDECODABLE_SCRIPT = """
+import sys
+from tests.test_data_reader import GEOMETRY
+from vitlens.data.reader import iter_shard_batches
+rejects = []
+list(iter_shard_batches(sys.argv[1], GEOMETRY, 2, 8, 1, on_reject=lambda *r: rejects.append(r[2])))
+sys.stdout.write(repr(rejects))
+"""
+
+
+def test_decode_reasons_are_one_line_and_the_same_every_run(tmp_path: Path) -> None:
+    """PIL's "cannot identify image file <_io.BytesIO object at 0x7f…>" must not leak an address."""
+    path = _write_shard(tmp_path, [_sample(0)])
+    broken = _sample(1).members()
+    broken[0] = (broken[0][0], b"garbage")
+    _append_raw(path, broken)
+    reasons: list[list[str]] = []
+    for _ in range(2):
+        run: list[str] = []
+        list(iter_shard_batches(str(path), GEOMETRY, 2, 8, 1, on_reject=lambda *r: run.append(r[2])))
+        reasons.append(run)
+    other_process = subprocess.run(
+        [sys.executable, "-c", _UNDECODABLE_SCRIPT, str(path)], capture_output=True, text=True,
+        check=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    reasons.append(ast.literal_eval(other_process.stdout))
+    assert reasons[0] == reasons[1] == reasons[2] and len(reasons[0]) == 1
+    reason = reasons[0][0]
+    assert reason.startswith("UnidentifiedImageError: cannot identify image file")
+    assert "0x" not in reason and " at " not in reason and "\n" not in reason
 
 
 def test_url_forms(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from vitlens import __version__
-from vitlens.data.imagenet_s import VARIANTS, ImageNetSConverter, imagenet1k_class_names
+from vitlens.data.class_names import imagenet1k_class_names
+from vitlens.data.imagenet_s import VARIANTS, ImageNetSConverter
 from vitlens.data.shapes import DEFAULT_NUM_CLASSES, SPLIT_IDS, shapes_class_names
 from vitlens.data.shapes_samples import SHAPES_DATASET, iter_shapes_encoded
 from vitlens.data.shard_writer import DEFAULT_SHARD_SIZE, ShardSummary, write_shards
@@ -20,6 +21,8 @@ examples:
   vitlens shards shapes --classes 20 --per-class 10 --size 64 --seed 0 --out data/shapes
   vitlens shards imagenet-s --root /data/ImageNet-S --variant 919 --split validation \\
       --per-class 5 --seed 0 --out data/imagenet_s919
+  vitlens shards imagenet-s --root /data/ImageNet-S --variant 919 --split validation \\
+      --per-class all --out data/imagenet_s919_all
 
 Each writes {dataset}-{split}-NNNNNN.tar shards and manifest.json into --out.
 exit codes: 0 all converted, 2 user error, 3 some source files rejected (listed on
@@ -63,7 +66,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "--variant", type=int, choices=VARIANTS, default=919, help="50, 300 or 919 (default 919)"
     )
     imagenet_s.add_argument("--split", default="validation", help="split folder name (default validation)")
-    imagenet_s.add_argument("--per-class", type=int, default=5, help="images per class (default 5)")
+    imagenet_s.add_argument(
+        "--per-class", type=_per_class, default=5, metavar="N|all",
+        help="images per class, or 'all' for every image of every class (default 5)",
+    )
     _add_output_options(imagenet_s)
     imagenet_s.set_defaults(func=run_imagenet_s)
 
@@ -89,9 +95,31 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     shapes.set_defaults(func=run_shapes)
 
 
+def _per_class(text: str) -> int | None:
+    """`--per-class`: a count >= 1, or `all` (None: every image of every class)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}")
+    return count
+
+
+def _option_value(key: str, value: Any) -> Any:
+    """An option as the manifest records it: paths absolute, `--per-class all` as "all"."""
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if key == "per_class" and value is None:
+        return "all"
+    return value
+
+
 def _created_by(args: argparse.Namespace) -> dict[str, Any]:
     options = {
-        key: (str(value) if isinstance(value, Path) else value)
+        key: _option_value(key, value)
         for key, value in sorted(vars(args).items())
         if key not in ("func", "command", "kind", "out", "overwrite")
     }

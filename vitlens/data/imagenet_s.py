@@ -15,7 +15,10 @@ Layout read (variant V in 50, 300, 919; split e.g. `validation`):
 - Selection: per class folder, the image names sorted, permuted with
   `np.random.default_rng([seed, class_id])` (class_id of the folder), and the first
   `per_class` of them that convert cleanly are taken (a rejected image is replaced by
-  the next one in that order).
+  the next one in that order). `per_class=None` (`--per-class all`) takes every image
+  that converts, in that same order.
+- Class name: `vitlens.data.class_names.imagenet1k_class_names()` (the one definition,
+  first synonym: "tench"), the same names the models report.
 - Rejects (path + reason): unreadable image, missing mask, mask of another size than its
   image, a mask id not in the category list, a mask without any object id, a folder
   that is not a category, a file whose sample key another file already took.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +38,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vitlens.data.class_names import imagenet1k_class_names, imagenet1k_info
 from vitlens.data.manifest import Reject
 from vitlens.data.sample_format import (
     MASK_CONTEXT_ID,
@@ -47,7 +50,7 @@ from vitlens.data.sample_format import (
     encode_png,
     is_imagenet_s_mask_png,
 )
-from vitlens.errors import UserError
+from vitlens.errors import UserError, one_line_reason
 
 VARIANTS: tuple[int, ...] = (50, 300, 919)
 MERGED_SYNSETS: dict[str, str] = {
@@ -94,24 +97,10 @@ def load_categories(variant: int, search_dirs: tuple[Path, ...] = ()) -> tuple[l
     return _parse_categories(packaged.read_text(), f"packaged {name}"), f"packaged {name}"
 
 
-@lru_cache(maxsize=1)
-def _imagenet_info() -> "ImageNetInfo":  # noqa: F821 (timm imported lazily: fast CLI start)
-    from timm.data import ImageNetInfo
-
-    return ImageNetInfo()
-
-
-@lru_cache(maxsize=1)
-def imagenet1k_class_names() -> tuple[str, ...]:
-    """Descriptions of the 1,000 ImageNet-1k classes, by class index."""
-    info = _imagenet_info()
-    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
-
-
 def imagenet1k_index(wnid: str) -> int:
     """ImageNet-1k class index of a synset (merged S919 sources count as their target)."""
     target = MERGED_SYNSETS.get(wnid, wnid)
-    synsets = _imagenet_info().label_names()
+    synsets = imagenet1k_info().label_names()
     if target not in synsets:
         raise UserError(f"synset {wnid} is not an ImageNet-1k class")
     return synsets.index(target)
@@ -180,9 +169,12 @@ def _image_member(data: bytes) -> tuple[str, bytes]:
 class ImageNetSConverter:
     """Plans and performs the conversion of one ImageNet-S split."""
 
-    def __init__(self, root: Path, variant: int, split: str, per_class: int, seed: int):
-        """Locate the data set and its categories; raises UserError for a bad root/variant."""
-        if per_class < 1:
+    def __init__(self, root: Path, variant: int, split: str, per_class: int | None, seed: int):
+        """Locate the data set and its categories; raises UserError for a bad root/variant.
+
+        `per_class`: images per class folder, or None for every image of every folder.
+        """
+        if per_class is not None and per_class < 1:
             raise UserError(f"--per-class must be >= 1, got {per_class}")
         self.variant, self.split, self.per_class, self.seed = variant, split, per_class, seed
         self.dataset_dir = resolve_dataset_dir(root, variant, split)
@@ -258,7 +250,8 @@ class ImageNetSConverter:
     def expected_samples(self) -> int:
         """Samples a conversion without rejects would write (for the progress bar)."""
         folders, _ = self.class_folders()
-        return sum(min(self.per_class, len(self._image_names(folder))) for folder in folders)
+        counts = [len(self._image_names(folder)) for folder in folders]
+        return sum(counts) if self.per_class is None else sum(min(self.per_class, n) for n in counts)
 
     def iter_results(self) -> Iterator[EncodedSample | Reject]:
         """Converted samples and rejects, class by class in sorted folder order."""
@@ -268,13 +261,13 @@ class ImageNetSConverter:
         for folder in folders:
             taken = 0
             for name in selection_order(self._image_names(folder), self.seed, folder.class_id):
-                if taken == self.per_class:
+                if self.per_class is not None and taken == self.per_class:
                     break
                 image_path = folder.image_dir / name
                 try:
                     sample = self._convert_one(folder, image_path)
                 except (ValueError, OSError) as err:
-                    yield Reject(self._relative(image_path), str(err))
+                    yield Reject(self._relative(image_path), one_line_reason(str(err)))
                     continue
                 if sample.key in keys:  # e.g. x.JPEG beside x.jpg
                     yield Reject(self._relative(image_path), f"sample key {sample.key} already used")

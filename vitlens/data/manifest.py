@@ -29,11 +29,23 @@ _REQUIRED_KEYS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard of a manifest."""
+    """One shard of a manifest: where it is, and what the manifest says it holds.
+
+    `url`: the shard's absolute path (as `shard_urls` gives it; set by `shard_entries`;
+    None only for an entry the writer has just made, before it is written to a manifest).
+    `name`: the file name relative to the manifest. `samples` / `sha256`: the sample
+    count and hex sha256 the manifest records, None where it records none. The reader
+    checks a shard against them (`iter_shard_batches(..., expected_samples=entry.samples,
+    expected_sha256=entry.sha256)`).
+
+    Fields are in the order `ShardWriter` builds entries (`ShardEntry(name, samples,
+    sha256)`); pass `url` by keyword.
+    """
 
     name: str
-    samples: int
-    sha256: str
+    samples: int | None
+    sha256: str | None
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,11 +117,38 @@ def read_manifest(manifest_or_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def shard_urls(manifest_or_dir: str | Path) -> list[str]:
-    """Absolute paths of a manifest's shards, in manifest order."""
+def shard_entries(manifest_or_dir: str | Path) -> list[ShardEntry]:
+    """The shards of a manifest (the file, or its directory), in manifest order.
+
+    Each entry's `url` is the shard's absolute path (the manifest's directory joined with
+    the shard's `name`, resolved); `samples` and `sha256` are None where the manifest
+    lacks them. A shard record without a string `name`, or with a `samples` that is not an
+    integer, or a `sha256` that is not a string, raises UserError naming the manifest.
+    """
     path = _manifest_path(manifest_or_dir)
     manifest = read_manifest(path)
-    return [str((path.parent / shard["name"]).resolve()) for shard in manifest["shards"]]
+    entries = []
+    for index, shard in enumerate(manifest["shards"]):
+        name = shard.get("name") if isinstance(shard, dict) else None
+        samples = shard.get("samples") if isinstance(shard, dict) else None
+        sha256 = shard.get("sha256") if isinstance(shard, dict) else None
+        if (
+            not isinstance(name, str) or not name
+            or (samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)))
+            or (sha256 is not None and not isinstance(sha256, str))
+        ):
+            raise UserError(
+                f"shard manifest {path}: shards[{index}] must be "
+                '{"name": str, "samples": int, "sha256": str}'
+            )
+        url = str((path.parent / name).resolve())
+        entries.append(ShardEntry(name=name, samples=samples, sha256=sha256, url=url))
+    return entries
+
+
+def shard_urls(manifest_or_dir: str | Path) -> list[str]:
+    """Absolute paths of a manifest's shards, in manifest order (the urls of `shard_entries`)."""
+    return [str(entry.url) for entry in shard_entries(manifest_or_dir)]
 
 
 def verify_shards(manifest_or_dir: str | Path) -> list[str]:

@@ -6,14 +6,22 @@ two shards. There is no hidden splitting by node or worker and no shuffling: the
 passes the exact list of shards it wants (`iter_batches`) or one shard
 (`iter_shard_batches`). A sample that cannot be decoded is reported through
 `on_reject(shard, key, reason)` and skipped.
+
+A damaged shard is not a reject: after yielding every sample (batch) it could read, the
+reader raises `ShardReadError` when the tar breaks off (no end-of-archive marker, a
+truncated member or header, bytes that are no tar), when the shard holds another number
+of samples than `expected_samples`, or when the sha256 of its bytes differs from
+`expected_sha256`. The sha256 is computed while streaming the one read of the file (the
+bytes after the end-of-archive marker are drained into it), never by a second read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,12 +40,32 @@ from vitlens.data.sample_format import (
     split_member_name,
 )
 from vitlens.data.token_labels import token_labels
-from vitlens.errors import UserError
+from vitlens.errors import UserError, one_line_reason
 
-__all__ = ["Batch", "RejectCallback", "iter_batches", "iter_shard_batches", "iter_shard_samples",
-           "read_manifest", "shard_urls"]
+__all__ = ["Batch", "RejectCallback", "ShardReadError", "iter_batches", "iter_shard_batches",
+           "iter_shard_samples", "read_manifest", "shard_urls"]
 
 RejectCallback = Callable[[str, str, str], None]  # (shard, key, reason)
+
+_DRAIN_CHUNK: int = 1 << 20
+# Errors that mean the tar stream itself is damaged (not one sample's content).
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+class ShardReadError(Exception):
+    """A shard that does not read to its end as the manifest describes it.
+
+    `reason` is one deterministic line (no object addresses, ANSI codes or tracebacks),
+    e.g. "shard truncated after 7 samples: ReadError: unexpected end of data",
+    "shard has 9 samples, manifest says 10" or
+    "sha256 mismatch: file 0123456789ab…, manifest fedcba987654…".
+    """
+
+    reason: str
+
+    def __init__(self, reason: str) -> None:
+        self.reason = one_line_reason(reason)
+        super().__init__(self.reason)
 
 
 @dataclass
@@ -66,32 +94,155 @@ def _warn_reject(shard: str, key: str, reason: str) -> None:
     warnings.warn(f"skipped sample {key!r} of shard {shard}: {reason}", stacklevel=3)
 
 
-def iter_shard_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+class _HashingReader:
+    """A read-only file object over a stream that feeds every byte it returns into sha256."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like the wrapped stream; the bytes also go into the hash."""
+        data = self._stream.read(size)
+        self.digest.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read the rest of the stream to EOF (into the hash)."""
+        while self.read(_DRAIN_CHUNK):
+            pass
+
+
+class _EndOfArchive:
+    """Tells a tar that ended with its end-of-archive marker from one that broke off.
+
+    `tarfile` in stream mode ends iteration silently when, after the first member, a
+    header is missing, short or invalid; only a zero block is the real end. A TarInfo
+    subclass sees which header error ended the archive.
+    """
+
+    def __init__(self) -> None:
+        self.clean = False
+        self.damage: str | None = None
+        end = self
+
+        class _TarInfo(tarfile.TarInfo):
+            @classmethod
+            def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+                try:
+                    return super().fromtarfile(tar)
+                except tarfile.EOFHeaderError:
+                    end.clean = True
+                    raise
+                except tarfile.HeaderError as err:
+                    end.damage = _header_damage(err)
+                    raise
+
+        self.tarinfo = _TarInfo
+
+
+def _header_damage(err: tarfile.HeaderError) -> str:
+    """A one-line reason for a header that ended a tar stream early."""
+    if isinstance(err, tarfile.EmptyHeaderError):
+        return "stream ends without the tar end-of-archive marker"
+    if isinstance(err, tarfile.TruncatedHeaderError):
+        return "stream ends inside a tar header"
+    return f"invalid tar header ({one_line_reason(err)})"
+
+
+def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar stream's file members into `(key, {member: bytes})` samples."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    for info in tar:
+        if not info.isfile():
+            continue
+        member_key, member = split_member_name(info.name)
+        if member_key != key:
+            if key is not None:
+                yield key, members
+            key, members = member_key, {}
+        extracted = tar.extractfile(info)
+        assert extracted is not None
+        members[member] = extracted.read()
+    if key is not None:
+        yield key, members
+
+
+def _check_problems(
+    count: int, digest: str, expected_samples: int | None, expected_sha256: str | None
+) -> list[str]:
+    """Differences of a completely read shard from what its manifest says."""
+    problems = []
+    if expected_samples is not None and count != expected_samples:
+        problems.append(f"shard has {count} samples, manifest says {expected_samples}")
+    if expected_sha256 is not None and digest != expected_sha256.strip().lower():
+        problems.append(f"sha256 mismatch: file {digest[:12]}…, manifest {expected_sha256.strip()[:12]}…")
+    return problems
+
+
+def iter_shard_samples(
+    url: str,
+    expected_samples: int | None = None,
+    expected_sha256: str | None = None,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream the raw samples of one shard: `(key, {member: bytes})`, in tar order.
 
     Members of a sample must be contiguous (as every vitlens shard writes them). Raises
-    UserError when the shard cannot be opened; a damaged tar raises `tarfile.TarError`.
+    UserError when the shard cannot be opened. After the last sample it could read, raises
+    `ShardReadError` when the tar broke off (a partly read sample is not yielded), when
+    the number of samples differs from `expected_samples`, or when the sha256 of the
+    file's bytes (hashed while streaming; the rest after the end-of-archive marker is
+    drained into the hash) differs from `expected_sha256`. The file is read once.
     """
     try:
-        stream = webdataset.gopen(url, "rb")
+        raw = webdataset.gopen(url, "rb")
     except Exception as err:  # gopen raises various types for missing files / bad URLs
         raise UserError(f"cannot open shard {url}: {err}") from err
-    with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        key: str | None = None
-        members: dict[str, bytes] = {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, member = split_member_name(info.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            extracted = tar.extractfile(info)
-            assert extracted is not None
-            members[member] = extracted.read()
-        if key is not None:
-            yield key, members
+    stream = _HashingReader(raw)
+    end = _EndOfArchive()
+    count = 0
+    damage: str | None = None
+    finished = False
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=end.tarinfo)  # type: ignore[call-overload]
+        except _STREAM_ERRORS as err:
+            damage = one_line_reason(err)
+        else:
+            with tar:
+                samples = _tar_samples(tar)
+                while True:
+                    try:
+                        sample = next(samples)
+                    except StopIteration:
+                        break
+                    except _STREAM_ERRORS as err:
+                        damage = one_line_reason(err)
+                        break
+                    count += 1
+                    yield sample
+            if damage is None and not end.clean:
+                damage = end.damage or "stream ends without the tar end-of-archive marker"
+        if damage is None:
+            try:
+                stream.drain()
+            except _STREAM_ERRORS as err:
+                damage = f"reading after the end-of-archive marker failed: {one_line_reason(err)}"
+        finished = True
+    finally:
+        try:
+            raw.close()  # a `pipe:` stream reports its command's failure here
+        except _STREAM_ERRORS as err:
+            if finished and damage is None:
+                damage = f"stream failed: {one_line_reason(err)}"
+    if damage is not None:
+        raise ShardReadError(f"shard truncated after {count} samples: {damage}")
+    problems = _check_problems(count, stream.digest.hexdigest(), expected_samples, expected_sha256)
+    if problems:
+        raise ShardReadError("; ".join(problems))
 
 
 def _decode_sample(
@@ -140,37 +291,44 @@ def iter_shard_batches(
     patch_size: int | tuple[int, int],
     num_prefix_tokens: int,
     on_reject: RejectCallback | None = None,
+    expected_samples: int | None = None,
+    expected_sha256: str | None = None,
 ) -> Iterator[Batch]:
     """Stream one shard as batches of at most `batch_size` samples (the last may be smaller).
 
-    Undecodable samples call `on_reject(url, key, reason)` (default: a warning) and are
-    skipped; a tar that breaks off mid-stream reports key `"*"` and ends the shard.
+    Undecodable samples call `on_reject(url, key, reason)` (default: a warning; `reason`
+    is one deterministic line) and are skipped; they still count as samples of the shard.
+    After yielding every batch it could read, raises `ShardReadError` when the tar breaks
+    off (truncated, random or zero bytes), holds another number of samples than
+    `expected_samples`, or its bytes' sha256 differs from `expected_sha256` (see
+    `iter_shard_samples`; on_reject is not called for these).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     reject = on_reject or _warn_reject
     pending: list[_Decoded] = []
-    samples = iter_shard_samples(url)
-    samples_read = 0
+    samples = iter_shard_samples(url, expected_samples, expected_sha256)
+    failure: ShardReadError | None = None
     while True:
         try:
             key, members = next(samples)
         except StopIteration:
             break
-        except (tarfile.TarError, ValueError, OSError, EOFError) as err:
-            reject(url, "*", f"shard unreadable after {samples_read} samples: {err}")
+        except ShardReadError as err:
+            failure = err
             break
-        samples_read += 1
         try:
             pending.append(_decode_sample(key, members, geometry, patch_size, num_prefix_tokens))
         except (ValueError, OSError, KeyError, TypeError, Image.DecompressionBombError) as err:
-            reject(url, key, f"{type(err).__name__}: {err}")
+            reject(url, key, one_line_reason(err))
             continue
         if len(pending) == batch_size:
             yield _collate(pending, url)
             pending = []
     if pending:
         yield _collate(pending, url)
+    if failure is not None:
+        raise failure
 
 
 def iter_batches(

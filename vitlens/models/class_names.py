@@ -1,8 +1,12 @@
-"""Human-readable class names of the label spaces the registry knows (ImageNet-1k, CIFAR-100)."""
+"""Human-readable class names of the label spaces the registry knows (ImageNet-1k, CIFAR-100).
+
+ImageNet-1k names come from `vitlens.data.class_names` (the one definition, shared with the
+ImageNet-S shards' `meta.json`).
+"""
 
 from __future__ import annotations
 
-from timm.data import ImageNetInfo
+from vitlens.data.class_names import imagenet1k_class_names
 
 # CIFAR-100 fine label names in label-index order (the torchvision / original dataset order).
 CIFAR100_CLASS_NAMES: tuple[str, ...] = (
@@ -21,16 +25,10 @@ CIFAR100_CLASS_NAMES: tuple[str, ...] = (
 )
 
 
-def imagenet1k_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in timm's label order (first synonym of each synset)."""
-    info = ImageNetInfo("imagenet-1k")
-    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
-
-
 def class_names_for(num_classes: int) -> list[str]:
     """Class names of a label space identified by its size: ImageNet-1k, CIFAR-100, else `class_<i>`."""
     if num_classes == 1000:
-        return imagenet1k_class_names()
+        return list(imagenet1k_class_names())  # defined once, in vitlens.data.class_names
     if num_classes == len(CIFAR100_CLASS_NAMES):
         return list(CIFAR100_CLASS_NAMES)
     return [f"class_{i}" for i in range(num_classes)]
