@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The tests run under a fresh empty HOME (set for pytest only; set-up above keeps the
+# machine's HOME, e.g. ~/.config/pip), so nothing an earlier run left in ~ (a Ray token
+# in ~/.ray, caches) can make them pass.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	HOME=$$(mktemp -d) $(VENV)/bin/python -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/vitlens demo --out demo-out

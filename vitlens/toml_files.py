@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,3 +21,21 @@ def read_toml(path: Path, what: str, overrides: Mapping[str, Any] | None = None)
         raise UserError(f"{path}: not valid TOML: {err}") from None
     raw.update(overrides or {})
     return raw
+
+
+def toml_value(value: Any, limit: int = 80) -> str:
+    """`value` as it is spelled in TOML, on one line, for messages: `true`, `"1"`, `1.5`,
+    `["a", 2]`, `a table` (at most `limit` characters)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(toml_value(v, limit) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "a table"
+    elif value is None:
+        text = "nothing"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -15,6 +15,7 @@ Example (`jobs/demo.toml`)::
 
     [data]
     manifest = "demo-out/shards/manifest.json"   # or: shards = ["a.tar", "https://.../b.tar"]
+    verify = true            # check every shard's sha256 against the manifest (false: skip)
 
     [checkpoints]            # local weight files for variants that need one
     vit_cifar100 = "/models/vit_b16_cifar100.pth"
@@ -23,21 +24,30 @@ Example (`jobs/demo.toml`)::
     device = "auto"          # auto | cpu | cuda
     cpus_per_actor = 1
     max_actors = 2           # CPU actors when no GPU; with GPUs: one actor per (variant, GPU)
+    max_task_retries = 2     # retries of a shard whose actor died
+    max_actor_restarts = 2   # restarts of an actor that died
 
     [explain]                # settings of the "explain" experiment (paper §7), all optional
     target = "true"          # class of interest: true | predicted
     source = "resid"         # CLS of the residual stream (paper) | attn (the reference code)
     curve_points = 0         # kept counts per deletion curve: 0 = every n = 0..N, else K evenly spaced
+
+Every key of every table is checked against one description (`KEYS`: what it must be and
+how it converts), both when a file is loaded and when the dataclasses are built in code;
+a mistake is one `UserError` line naming the file and key, e.g.
+``job.toml: 'resources.max_actors' must be an integer >= 1, not 1.5``. Booleans are not
+numbers, integers are accepted where a float is. This module imports neither torch,
+timm nor ray: a spec is checked before any of them loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from vitlens.errors import UserError
-from vitlens.toml_files import read_toml
+from vitlens.toml_files import read_toml, toml_value
 
 #: Every experiment a job can run; "baseline" is the unperturbed model.
 EXPERIMENTS: tuple[str, ...] = (
@@ -51,6 +61,101 @@ EXPERIMENTS: tuple[str, ...] = (
 EXPLAIN_TARGETS: tuple[str, ...] = ("true", "predicted")
 EXPLAIN_SOURCES: tuple[str, ...] = ("resid", "attn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Where messages about a spec built in code (not read from a file) say the mistake is.
+IN_CODE = "job spec"
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one key's value must be: `must` completes "'KEY' must be ...", `ok` tests a
+    value, `convert` turns an accepted value into the dataclass's type."""
+
+    must: str
+    ok: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def integer(minimum: int) -> Key:
+    """An integer (not a bool, not a float) >= `minimum`."""
+    return Key(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+
+
+def positive_number() -> Key:
+    """An int or float (not a bool) > 0, stored as a float."""
+    return Key("a number > 0", lambda v: _is_number(v) and v > 0, float)
+
+
+def one_of(choices: tuple[str, ...]) -> Key:
+    """One of the strings `choices`."""
+    return Key(f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
+
+
+TEXT = Key("a non-empty string", _is_text)
+TEXTS = Key("a non-empty list of non-empty strings",
+            lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_text(s) for s in v), tuple)
+FLAG = Key("true or false", lambda v: isinstance(v, bool))
+CURVE_POINTS = Key("0 (every kept count) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))
+
+#: Every key of every table: "" is the top level; [checkpoints] maps variants to files (`TEXT`).
+KEYS: dict[str, dict[str, Key]] = {
+    "": {
+        "name": TEXT,
+        "output": TEXT,
+        "variants": TEXTS,
+        "experiments": TEXTS,
+        "batch_size": integer(1),
+    },
+    "data": {"manifest": TEXT, "shards": TEXTS, "verify": FLAG},
+    "resources": {
+        "device": one_of(DEVICES),
+        "cpus_per_actor": positive_number(),
+        "max_actors": integer(1),
+        "max_task_retries": integer(0),
+        "max_actor_restarts": integer(0),
+    },
+    "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS},
+}
+CHECKPOINT_FILE = TEXT
+#: The tables of a job spec, each with the keys it allows (None: any key, here variants).
+TABLES: dict[str, set[str] | None] = {
+    "data": set(KEYS["data"]), "resources": set(KEYS["resources"]), "explain": set(KEYS["explain"]),
+    "checkpoints": None,
+}
+
+
+def _name(table: str, key: str) -> str:
+    return f"{table}.{key}" if table else key
+
+
+def checked(key: Key, value: Any, name: str, source: str) -> Any:
+    """`value` converted by `key`, or a `UserError` "SOURCE: 'NAME' must be ..., not VALUE"."""
+    if not key.ok(value):
+        raise UserError(f"{source}: '{name}' must be {key.must}, not {toml_value(value)}")
+    return key.convert(value)
+
+
+def _check_fields(spec: Any, table: str) -> None:
+    """Check and convert every field of the frozen dataclass `spec` (the [`table`] keys);
+    a field left at its default is valid by construction."""
+    for f in fields(spec):
+        if f.name not in KEYS[table]:
+            continue
+        value = getattr(spec, f.name)
+        if value is f.default or (type(value) is type(f.default) and value == f.default):
+            continue
+        object.__setattr__(spec, f.name, checked(KEYS[table][f.name], value, _name(table, f.name), IN_CODE))
 
 
 @dataclass(frozen=True)
@@ -59,6 +164,12 @@ class DataSpec:
 
     manifest: str | None = None
     shards: tuple[str, ...] = ()
+    verify: bool = True  # check each shard's sha256 against the manifest before reading it
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        if (self.manifest is None) == (not self.shards):
+            raise UserError(f"{IN_CODE}: [data] needs exactly one of 'manifest' or 'shards'")
 
 
 @dataclass(frozen=True)
@@ -71,6 +182,9 @@ class ResourceSpec:
     max_task_retries: int = 2
     max_actor_restarts: int = 2
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "resources")
+
 
 @dataclass(frozen=True)
 class ExplainSpec:
@@ -81,12 +195,7 @@ class ExplainSpec:
     curve_points: int = 0  # kept counts per deletion curve: 0 = all n = 0..N
 
     def __post_init__(self) -> None:
-        if self.target not in EXPLAIN_TARGETS:
-            raise UserError(f"job spec: 'explain.target' must be one of {list(EXPLAIN_TARGETS)}")
-        if self.source not in EXPLAIN_SOURCES:
-            raise UserError(f"job spec: 'explain.source' must be one of {list(EXPLAIN_SOURCES)}")
-        if self.curve_points < 0 or self.curve_points == 1:
-            raise UserError("job spec: 'explain.curve_points' must be 0 (every kept count) or >= 2")
+        _check_fields(self, "explain")
 
 
 @dataclass(frozen=True)
@@ -108,27 +217,28 @@ class JobSpec:
         return dict(self.checkpoints).get(variant)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise UserError("job spec: 'name' must not be empty")
-        if not self.variants:
-            raise UserError("job spec: 'variants' must list at least one variant")
-        if len(set(self.variants)) != len(self.variants):
-            raise UserError("job spec: 'variants' lists a variant twice")
-        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
-        if unknown:
-            raise UserError(
-                f"job spec: 'experiments' has unknown {unknown}; choose from {list(EXPERIMENTS)}"
-            )
-        if not self.experiments:
-            raise UserError("job spec: 'experiments' must list at least one experiment")
-        if self.batch_size < 1:
-            raise UserError("job spec: 'batch_size' must be >= 1")
-        if (self.data.manifest is None) == (not self.data.shards):
-            raise UserError("job spec: [data] needs exactly one of 'manifest' or 'shards'")
-        if self.resources.device not in DEVICES:
-            raise UserError(f"job spec: 'resources.device' must be one of {list(DEVICES)}")
-        if self.resources.cpus_per_actor <= 0 or self.resources.max_actors < 1:
-            raise UserError("job spec: 'resources.cpus_per_actor' > 0 and 'max_actors' >= 1 required")
+        _check_fields(self, "")
+        for name, table in (("data", DataSpec), ("resources", ResourceSpec), ("explain", ExplainSpec)):
+            value = getattr(self, name)
+            if not isinstance(value, table):
+                raise UserError(f"{IN_CODE}: '{name}' must be a {table.__name__}, not {type(value).__name__}")
+        object.__setattr__(self, "checkpoints", tuple(tuple(pair) for pair in self.checkpoints))
+        _check_relations(self.variants, self.experiments, dict(self.checkpoints), IN_CODE)
+
+
+def _check_relations(variants: tuple[str, ...], experiments: tuple[str, ...], checkpoints: Mapping[str, Any],
+                     source: str) -> None:
+    """The checks that span keys: no variant twice, known experiments, checkpoint files
+    that are strings and belong to a listed variant."""
+    if len(set(variants)) != len(variants):
+        raise UserError(f"{source}: 'variants' lists a variant twice")
+    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise UserError(f"{source}: 'experiments' has unknown {unknown}; choose from {list(EXPERIMENTS)}")
+    for variant, file in checkpoints.items():
+        checked(CHECKPOINT_FILE, file, f"checkpoints.{variant}", source)
+        if variant not in variants:
+            raise UserError(f"{source}: 'checkpoints.{variant}' names a variant that is not in 'variants'")
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
@@ -137,13 +247,18 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: P
         raise UserError(f"{path}: unknown key(s) {extra} in {where}; allowed: {sorted(allowed)}")
 
 
-def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
-    value = table[key]
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise UserError(f"{path}: '{where}{key}' must be a number, not {value!r}")
-    if not isinstance(value, kind):
-        raise UserError(f"{path}: '{where}{key}' has the wrong type ({type(value).__name__})")
-    return value
+def _check_table(raw: Mapping[str, Any], table: str, path: Path) -> dict[str, Any]:
+    """The [`table`] of `raw` (empty when absent) with its keys checked and converted."""
+    if table not in raw:
+        return {}
+    value = raw[table]
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: '{table}' must be a table, not {toml_value(value)}")
+    allowed = TABLES[table]
+    if allowed is None:
+        return dict(value)
+    _check_keys(value, allowed, f"[{table}]", path)
+    return {k: checked(KEYS[table][k], v, _name(table, k), str(path)) for k, v in value.items()}
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -154,46 +269,34 @@ def _resolve(base: Path, value: str) -> str:
 
 
 def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobSpec:
-    """Read and validate a TOML job spec; relative paths resolve against its folder."""
+    """Read and validate a TOML job spec; relative paths resolve against its folder.
+
+    Every key is checked here, so a mistake names the file; `overrides` (e.g. the CLI's
+    `--output`) replace top-level keys before the checks.
+    """
     path = Path(path)
     raw = read_toml(path, "job spec", overrides)
-    top = {f.name for f in fields(JobSpec)}
-    _check_keys(raw, top, "the top level", path)
+    _check_keys(raw, set(KEYS[""]) | set(TABLES), "the top level", path)
     for key in ("name", "output", "variants", "data"):
         if key not in raw:
             raise UserError(f"{path}: missing required key '{key}'")
+    top = {k: checked(KEYS[""][k], v, k, str(path)) for k, v in raw.items() if k in KEYS[""]}
     base = path.parent
-    data_raw = _typed(raw, "data", dict, "", path)
-    _check_keys(data_raw, {"manifest", "shards"}, "[data]", path)
-    data = DataSpec(
-        manifest=_resolve(base, _typed(data_raw, "manifest", str, "data.", path)) if "manifest" in data_raw else None,
-        shards=tuple(_resolve(base, s) for s in _typed(data_raw, "shards", list, "data.", path)) if "shards" in data_raw else (),
-    )
-    res_raw = _typed(raw, "resources", dict, "", path) if "resources" in raw else {}
-    _check_keys(res_raw, {f.name for f in fields(ResourceSpec)}, "[resources]", path)
-    resources = ResourceSpec(**res_raw)
-    explain_raw = _typed(raw, "explain", dict, "", path) if "explain" in raw else {}
-    _check_keys(explain_raw, {f.name for f in fields(ExplainSpec)}, "[explain]", path)
-    for key, kind in (("target", str), ("source", str), ("curve_points", int)):
-        if key in explain_raw:
-            _typed(explain_raw, key, kind, "explain.", path)
-    explain = ExplainSpec(**explain_raw)
-    variants = _typed(raw, "variants", list, "", path)
-    experiments = _typed(raw, "experiments", list, "", path) if "experiments" in raw else ["baseline"]
-    ckpt_raw = _typed(raw, "checkpoints", dict, "", path) if "checkpoints" in raw else {}
-    for variant, file in ckpt_raw.items():
-        if variant not in variants:
-            raise UserError(f"{path}: 'checkpoints.{variant}' names a variant that is not in 'variants'")
-        if not isinstance(file, str):
-            raise UserError(f"{path}: 'checkpoints.{variant}' must be a file path")
+    top["output"] = _resolve(base, top["output"])
+    data_raw = _check_table(raw, "data", path)
+    if ("manifest" in data_raw) == ("shards" in data_raw):
+        raise UserError(f"{path}: [data] needs exactly one of 'manifest' or 'shards'")
+    if "manifest" in data_raw:
+        data_raw["manifest"] = _resolve(base, data_raw["manifest"])
+    if "shards" in data_raw:
+        data_raw["shards"] = tuple(_resolve(base, s) for s in data_raw["shards"])
+    ckpt_raw = _check_table(raw, "checkpoints", path)
+    experiments = top.get("experiments", JobSpec.__dataclass_fields__["experiments"].default)
+    _check_relations(top["variants"], experiments, ckpt_raw, str(path))
     return JobSpec(
-        name=_typed(raw, "name", str, "", path),
-        output=_resolve(base, _typed(raw, "output", str, "", path)),
-        variants=tuple(str(v) for v in variants),
-        data=data,
-        experiments=tuple(str(e) for e in experiments),
-        batch_size=_typed(raw, "batch_size", int, "", path) if "batch_size" in raw else 32,
-        resources=resources,
-        explain=explain,
+        **top,
+        data=DataSpec(**data_raw),
+        resources=ResourceSpec(**_check_table(raw, "resources", path)),
+        explain=ExplainSpec(**_check_table(raw, "explain", path)),
         checkpoints=tuple((v, _resolve(base, f)) for v, f in sorted(ckpt_raw.items())),
     )
