@@ -145,6 +145,30 @@ def _build_model(spec: VariantSpec) -> torch.nn.Module:
     return model
 
 
+def _require_vit(spec: VariantSpec, model: torch.nn.Module) -> VisionTransformer:
+    """`model`, or the registry's one-line refusal when it is no timm VisionTransformer."""
+    if not isinstance(model, VisionTransformer):
+        raise UserError(
+            f"variant {spec.name!r} is a {type(model).__name__}, not a timm VisionTransformer"
+        )
+    return model
+
+
+def build_architecture(name_or_spec: str | VariantSpec) -> VisionTransformer:
+    """The variant's model on the meta device: the architecture only, no weight is loaded,
+    read or downloaded (seconds, no memory), for checks before a job starts.
+
+    Raises UserError for unknown names, models timm cannot build, and non-ViT models.
+    """
+    spec = get_variant(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    with torch.device("meta"):
+        if spec.timm_name is None:
+            model = zoo.build_zoo_model(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX)), load_weights=False)
+        else:
+            model = create_random_model(spec.timm_name, spec.random_seed, spec.num_classes, spec.model_kwargs)
+    return _require_vit(spec, model)
+
+
 def zoo_card(name: str) -> dict[str, Any]:
     """The card of the zoo model `name`."""
     for card in zoo.list_zoo_cards():
@@ -182,11 +206,7 @@ def load_variant(
         if spec.timm_name is None:
             raise UserError(f"zoo variant {spec.name!r} loads its own weights; drop the checkpoint")
         spec = dataclasses.replace(spec, weights="checkpoint", checkpoint_path=str(checkpoint_path))
-    model = _build_model(spec)
-    if not isinstance(model, VisionTransformer):
-        raise UserError(
-            f"variant {spec.name!r} is a {type(model).__name__}, not a timm VisionTransformer"
-        )
+    model = _require_vit(spec, _build_model(spec))
     model = model.eval().to(device)
     if spec.timm_name is None:
         class_names = list(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX))["class_names"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from vitlens.errors import one_line_reason
 from vitlens.runner.spec import JobSpec
 
 #: Test hook: path of a flag file. The first actor that finishes a batch while the file
@@ -42,12 +43,32 @@ class ShardActor:
         """Where the actor runs and how long loading its variant took."""
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "load_seconds": self.load_seconds}
 
-    def process(self, shard_url: str, stem: str, experiments: tuple[str, ...] | None = None) -> dict[str, Any]:
-        """Analyse one shard with `experiments` (default: all of the job's); returns its statistics."""
-        if os.environ.get(INJECT_SHARD_ERROR_ENV) == stem:
-            raise RuntimeError(f"injected analysis error for shard {stem}")
-        time.sleep(float(os.environ.get(INJECT_SHARD_DELAY_ENV, "0")))
-        return self.processor.process(shard_url, stem, on_batch=_maybe_die, experiments=experiments)
+    def process(
+        self,
+        shard_url: str,
+        stem: str,
+        experiments: tuple[str, ...] | None = None,
+        expected_samples: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> dict[str, Any]:
+        """Analyse one shard with `experiments` (default: all of the job's); returns its statistics,
+        or `{"failed": True, "stage": "read" | "analysis", "reason": one line}`.
+
+        Errors come back as values, not exceptions, so the driver never unpickles an
+        exception class of the science code (which would import torch there).
+        """
+        from vitlens.data.reader import ShardReadError
+
+        try:
+            if os.environ.get(INJECT_SHARD_ERROR_ENV) == stem:
+                raise RuntimeError(f"injected analysis error for shard {stem}")
+            time.sleep(float(os.environ.get(INJECT_SHARD_DELAY_ENV, "0")))
+            return self.processor.process(shard_url, stem, on_batch=_maybe_die, experiments=experiments,
+                                          expected_samples=expected_samples, expected_sha256=expected_sha256)
+        except ShardReadError as err:
+            return {"failed": True, "stage": "read", "reason": one_line_reason(err.reason)}
+        except Exception as err:  # a bug hit by this shard: reported, retried by the driver
+            return {"failed": True, "stage": "analysis", "reason": one_line_reason(err)}
 
 
 def _maybe_die(batch_index: int) -> None:
@@ -57,6 +78,7 @@ def _maybe_die(batch_index: int) -> None:
         os._exit(1)
 
 
-def actor_class(max_restarts: int, max_task_retries: int) -> Any:
-    """The Ray actor class with the job's fault-tolerance options."""
-    return ray.remote(max_restarts=max_restarts, max_task_retries=max_task_retries)(ShardActor)
+def actor_class(max_restarts: int) -> Any:
+    """The Ray actor class with the job's restarts. Ray retries no task itself: the driver
+    counts every attempt of a shard (`max_task_retries`) and prints one line per failure."""
+    return ray.remote(max_restarts=max_restarts, max_task_retries=0)(ShardActor)

@@ -1,44 +1,43 @@
-"""The driver of `vitlens run`: start or join Ray, place actors, feed shards, resume.
+"""The driver of `vitlens run`: check, lock, start or join Ray, place actors, feed shards, resume.
 
-The driver only schedules: it never loads a model or computes a metric. Each actor slot
-serves one variant at a time (one GPU per actor when the cluster has GPUs, otherwise
-CPU actors with explicit `num_cpus`); an idle slot moves to the variant with the most
-pending shards. Shards whose done-marker exists are skipped, so a re-run after a killed
-driver only does what is missing; a shard that keeps failing is reported, never dropped.
+The driver only schedules: it never loads a model, computes a metric or imports torch.
+Before Ray starts it checks what it can alone (`vitlens.runner.preflight`: the shards and
+their ids, local files, a writable output) and takes the output's lock; the variants are
+then checked by one Ray task that builds each on the meta device. Each actor slot serves
+one variant at a time (one GPU per actor when the cluster has GPUs, otherwise CPU actors
+with explicit `num_cpus`); an idle slot moves to the variant with the most pending shards.
+Shards whose done-marker lists an experiment skip it, so a re-run after a killed driver
+only does what is missing. A shard that keeps failing, or does not read as its manifest
+says, is reported (exit 3) and redone by the next run, never marked done.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any
 
-import ray
 from tqdm import tqdm
 
-from vitlens.errors import UserError
-from vitlens.runner.actors import actor_class
+from vitlens.errors import UserError, one_line_reason
+from vitlens.runner.bookkeeping import (
+    JobReport,
+    ShardFailure,
+    mark_run_killed,
+    new_run_id,
+    write_failed_shards,
+    write_run_record,
+)
 from vitlens.runner.plan import WorkItem, WorkQueue
+from vitlens.runner.preflight import check_checkpoint_files, check_output, job_shards
 from vitlens.runner.spec import JobSpec
-from vitlens.runner.shard_job import check_variants, resolve_shard_urls, write_failed_shards, write_run_record
 from vitlens.store.layout import clean_temporaries
+from vitlens.store.lock import OutputLock
 
-
-@dataclass
-class JobReport:
-    """What a run did: shard counts, failures, per-shard statistics, wall time."""
-
-    shards_total: int
-    shards_skipped: int
-    shards_done: int
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (variant, shard, reason)
-    shard_stats: list[dict[str, Any]] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    actors: int = 0
-    device: str = "cpu"
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
+__all__ = ["JobReport", "ShardFailure", "run_job"]
 
 
 @dataclass
@@ -49,19 +48,44 @@ class _Slot:
     ref: Any = None
 
 
+def _quiet_worker_deaths() -> None:
+    """Drop Ray's multi-line "(raylet) A worker died ..." notices from the driver's output: the
+    driver prints one line per event itself (variant, shard, attempt). Ray has no switch for
+    this, so its printer is wrapped; every other message passes unchanged."""
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_vitlens_quiet", False):
+        return
+
+    def print_to_stdstream(data: dict, *args: Any, **kwargs: Any) -> None:
+        if data.get("pid") == "raylet" and any("A worker died or was killed" in line for line in data.get("lines", ())):
+            return
+        printer(data, *args, **kwargs)
+
+    print_to_stdstream._vitlens_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 def _connect(address: str | None, local_cpus: int) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one."""
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one (quietly)."""
+    import ray
+
+    _quiet_worker_deaths()
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:
         # Explicit num_cpus: on small machines Ray would otherwise let actors claim every CPU.
-        ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=local_cpus, include_dashboard=False, **quiet)
 
 
 def _placement(job: JobSpec) -> tuple[str, int, dict[str, float]]:
     """(device, number of actor slots, per-actor resource request) for this cluster."""
+    import ray
+
     res = job.resources
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if res.device == "cuda" and gpus == 0:
@@ -73,26 +97,72 @@ def _placement(job: JobSpec) -> tuple[str, int, dict[str, float]]:
     return "cpu", slots, {"num_cpus": res.cpus_per_actor}
 
 
-def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> JobReport:
-    """Run (or resume) a job to completion and return its report."""
-    started = time.perf_counter()
-    urls = resolve_shard_urls(job.data)
-    check_variants(job)
-    if os.path.isdir(job.output):
-        clean_temporaries(job.output)  # a killed earlier run's half-written files
-    queue = WorkQueue.build(job.output, job.variants, urls, job.experiments,
-                            max_attempts=1 + job.resources.max_task_retries)
-    report = JobReport(shards_total=len(urls) * len(job.variants), shards_skipped=len(queue.skipped), shards_done=0)
-    if queue.total() == 0:
-        report.wall_seconds = time.perf_counter() - started
-        return report
+def _check_variants_on_cluster(job: JobSpec) -> None:
+    """Build every variant on the meta device in one Ray task (torch stays out of the driver)."""
+    import ray
 
-    local_cpus = max(2, int(job.resources.max_actors * job.resources.cpus_per_actor), os.cpu_count() or 1)
-    _connect(address, local_cpus)
+    from vitlens.runner.variant_check import variant_problems
+
+    problems = ray.get(ray.remote(num_cpus=0, max_retries=0)(variant_problems).remote(job))
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> JobReport:
+    """Run (or resume) a job to completion and return its report.
+
+    Raises UserError (before any work, and before Ray starts where the check allows) for
+    bad shards, outputs, weight files and variants, and when another run holds the output.
+    """
+    started = time.perf_counter()
+    shards = job_shards(job)
+    check_checkpoint_files(job)
+    check_output(job.output)
+    report = JobReport(shards_total=len(shards) * len(job.variants), shards_skipped=0, run_id=new_run_id())
+    with OutputLock(job.output, report.run_id) as lock:
+        if lock.taken_over is not None:
+            mark_run_killed(job.output, lock.taken_over.run_id)
+        clean_temporaries(job.output)  # a killed earlier run's half-written files
+        queue = WorkQueue.build(job.output, job.variants, [s.url for s in shards], job.experiments,
+                                max_attempts=1 + job.resources.max_task_retries,
+                                expected=[(s.samples, s.sha256) for s in shards])
+        report.shards_skipped = len(queue.skipped)
+        status = "interrupted"
+        recorded = False
+        try:
+            if queue.total() > 0:
+                local_cpus = max(2, int(job.resources.max_actors * job.resources.cpus_per_actor), os.cpu_count() or 1)
+                _connect(address, local_cpus)
+                _check_variants_on_cluster(job)
+            write_run_record(job, report, "running")
+            recorded = True
+            if queue.total() > 0:
+                _schedule(job, queue, report, progress)
+            status = "partial" if report.failures else "done"
+            write_failed_shards(job, report.failures)
+        finally:
+            clean_temporaries(job.output)  # left by actors that died mid-shard (their shards were redone)
+            report.wall_seconds = time.perf_counter() - started
+            if recorded:
+                write_run_record(job, report, status)
+    return report
+
+
+def _say(message: str) -> None:
+    """One line on stderr that does not break the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _schedule(job: JobSpec, queue: WorkQueue, report: JobReport, progress: bool) -> None:
+    """Feed every pending (variant, shard) to actors until the queue is empty."""
+    import ray
+
+    from vitlens.runner.actors import actor_class
+
     device, n_slots, request = _placement(job)
     report.device, report.actors = device, n_slots
     env = {k: v for k, v in os.environ.items() if k.startswith("VITLENS_")}  # incl. the test hooks
-    Actor = actor_class(job.resources.max_actor_restarts, job.resources.max_task_retries)
+    Actor = actor_class(job.resources.max_actor_restarts)
     threads = max(1, int(job.resources.cpus_per_actor))
 
     def new_actor(variant: str) -> Any:
@@ -100,7 +170,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
 
     slots: list[_Slot] = []
     bar = tqdm(total=report.shards_total, initial=report.shards_skipped, desc=f"{job.name}: shards × variants",
-               unit="shard", disable=not progress)
+               unit="shard", disable=not progress, file=sys.stderr)
     try:
         while queue.total() > 0:
             # Fill free slots and idle actors with work.
@@ -120,7 +190,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
                         ray.kill(slot.actor)
                         slots.remove(slot)
                         continue
-                    slot.item, slot.ref = item, slot.actor.process.remote(item.shard_url, item.stem, item.experiments)
+                    slot.item = item
+                    slot.ref = slot.actor.process.remote(item.shard_url, item.stem, item.experiments,
+                                                         item.expected_samples, item.expected_sha256)
             busy = [s for s in slots if s.ref is not None]
             if not busy:
                 continue
@@ -132,29 +204,49 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
                 slot.item, slot.ref = None, None
                 try:
                     stats = ray.get(ref)
-                except ray.exceptions.RayActorError as err:  # the actor died beyond its restarts
+                except ray.exceptions.RayActorError as err:  # the actor process died (or never started)
                     ray.kill(slot.actor)
                     slot.actor = new_actor(slot.variant)
-                    _failed(queue, report, item, f"actor died: {err}", bar)
-                except ray.exceptions.RayTaskError as err:  # the analysis raised for this shard
-                    _failed(queue, report, item, str(err.cause if err.cause else err).splitlines()[0], bar)
-                else:
-                    queue.finished(item)
-                    report.shards_done += 1
-                    report.shard_stats.append(stats)
-                    bar.update(1)
+                    _retry_or_fail(queue, report, item, "analysis", f"actor died: {_actor_death_reason(err)}", bar)
+                    continue
+                except ray.exceptions.RayTaskError as err:  # not raised by ShardActor.process itself
+                    _retry_or_fail(queue, report, item, "analysis", one_line_reason(str(err)), bar)
+                    continue
+                if stats.get("failed"):
+                    if stats["stage"] == "read":  # a damaged shard stays damaged: no retry
+                        queue.fail(item, stats["reason"])
+                        _record_failure(report, item, "read", stats["reason"], bar)
+                    else:
+                        _retry_or_fail(queue, report, item, stats["stage"], stats["reason"], bar)
+                    continue
+                queue.finished(item)
+                report.shards_done += 1
+                report.shard_stats.append(stats)
+                bar.update(1)
     finally:
         bar.close()
         for slot in slots:
             ray.kill(slot.actor)
-    clean_temporaries(job.output)  # left by actors that died mid-shard (their shards were redone)
-    report.wall_seconds = time.perf_counter() - started
-    write_failed_shards(job, report.failures)
-    write_run_record(job, report)
-    return report
 
 
-def _failed(queue: WorkQueue, report: JobReport, item: WorkItem, reason: str, bar: tqdm) -> None:
-    if not queue.retry_or_fail(item, reason):
-        report.failures.append((item.variant, item.shard_url, reason))
-        bar.update(1)
+def _actor_death_reason(err: BaseException) -> str:
+    """One deterministic line on why an actor died: its constructor's error when it never
+    started (e.g. a weight file it could not read), else that its process exited."""
+    lines = [line.strip() for line in str(err).splitlines() if "Error: " in line and "ray." not in line]
+    created = [line for line in lines if "UserError: " in line]
+    if created:
+        return one_line_reason(created[-1].split("UserError: ", 1)[1])
+    return "the actor's process exited unexpectedly"
+
+
+def _retry_or_fail(queue: WorkQueue, report: JobReport, item: WorkItem, stage: str, reason: str, bar: tqdm) -> None:
+    if queue.retry_or_fail(item, reason):
+        _say(f"{item.variant} {item.stem}: attempt {item.attempt} of {queue.max_attempts} failed ({reason}); retrying")
+    else:
+        _record_failure(report, item, stage, reason, bar)
+
+
+def _record_failure(report: JobReport, item: WorkItem, stage: str, reason: str, bar: tqdm) -> None:
+    _say(f"{item.variant} {item.stem}: failed at stage {stage} after attempt {item.attempt}: {reason}")
+    report.failures.append(ShardFailure(item.variant, item.shard_url, stage, reason))
+    bar.update(1)

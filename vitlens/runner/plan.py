@@ -7,7 +7,8 @@ results back, so the scheduling policy is testable on its own.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 from vitlens.store.layout import done_experiments, shard_stem
 
@@ -21,6 +22,8 @@ class WorkItem:
     stem: str
     experiments: tuple[str, ...]
     attempt: int = 1
+    expected_samples: int | None = None  # from the manifest: a shard with another count is not done
+    expected_sha256: str | None = None  # from the manifest when verification is on
 
 
 @dataclass
@@ -38,20 +41,26 @@ class WorkQueue:
         cls,
         output_root: str,
         variants: tuple[str, ...],
-        shard_urls: list[str],
+        shard_urls: Sequence[str],
         experiments: tuple[str, ...],
         max_attempts: int,
+        expected: Sequence[tuple[int | None, str | None]] | None = None,
     ) -> "WorkQueue":
         """Queue every (variant, shard) with the experiments its done-marker does not list;
-        remember the (variant, shard)s with nothing left to do as skipped."""
+        remember the (variant, shard)s with nothing left to do as skipped.
+
+        `expected[i]` is shard i's (sample count, sha256) from its manifest, either None.
+        """
         queue = cls(max_attempts=max_attempts)
+        checks = list(expected) if expected is not None else [(None, None)] * len(shard_urls)
         for variant in variants:
             queue.pending[variant] = deque()
             queue.in_flight[variant] = 0
-            for url in shard_urls:
+            for url, (samples, sha256) in zip(shard_urls, checks):
                 stem = shard_stem(url)
                 done = done_experiments(output_root, variant, stem)
-                item = WorkItem(variant, url, stem, tuple(e for e in experiments if e not in done))
+                item = WorkItem(variant, url, stem, tuple(e for e in experiments if e not in done),
+                                expected_samples=samples, expected_sha256=sha256)
                 if item.experiments:
                     queue.pending[variant].append(item)
                 else:
@@ -84,11 +93,16 @@ class WorkQueue:
         """Record a shard as written (its done-marker exists)."""
         self.in_flight[item.variant] -= 1
 
+    def fail(self, item: WorkItem, reason: str) -> None:
+        """Record a shard as failed without a retry (a damaged shard stays damaged)."""
+        self.in_flight[item.variant] -= 1
+        self.failed.append((item, reason))
+
     def retry_or_fail(self, item: WorkItem, reason: str) -> bool:
         """Requeue a failed shard until `max_attempts`; returns True when it was requeued."""
         self.in_flight[item.variant] -= 1
         if item.attempt < self.max_attempts:
-            retry = WorkItem(item.variant, item.shard_url, item.stem, item.experiments, item.attempt + 1)
+            retry = replace(item, attempt=item.attempt + 1)
             self.pending[item.variant].appendleft(retry)
             return True
         self.failed.append((item, reason))

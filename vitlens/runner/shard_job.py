@@ -10,28 +10,21 @@ at any point leaves no partial file behind.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 import zlib
-from dataclasses import asdict
-from pathlib import Path
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import torch
 
 from vitlens.data.geometry import EvalGeometry
-from vitlens.data.manifest import shard_urls
 from vitlens.data.reader import iter_shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
-from vitlens.errors import UserError
 from vitlens.explain.evaluate import explain_batch
 from vitlens.lens import Lens, token_keep_from_labels
 from vitlens.lens.memories import SUBLAYERS, value_vectors
 from vitlens.metrics.sublayers import class_value_agreement
-from vitlens.models.registry import get_variant, load_variant
-from vitlens.runner.spec import DataSpec, JobSpec
+from vitlens.models.registry import load_variant
+from vitlens.runner.spec import JobSpec
 from vitlens.store.layout import (
     NO_EXPERIMENT,
     StagedParquetWriter,
@@ -43,7 +36,7 @@ from vitlens.store.layout import (
 )
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
 from vitlens.store.records import images_table, tokens_table
-from vitlens.store.schema import SCHEMA_VERSION, schema_of, to_table
+from vitlens.store.schema import schema_of, to_table
 
 #: The experiment that runs the explainability methods instead of the lens, and its tables.
 EXPLAIN_EXPERIMENT = "explain"
@@ -58,24 +51,6 @@ EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
     "remove_class_tokens": (None, LABEL_CLASS),
     "remove_context_tokens": (None, LABEL_CONTEXT),
 }
-
-
-def resolve_shard_urls(data: DataSpec) -> list[str]:
-    """The explicit shard list of a job: the manifest's shards, or the listed URLs."""
-    if data.manifest is not None:
-        return shard_urls(data.manifest)
-    return list(data.shards)
-
-
-def check_variants(job: JobSpec) -> None:
-    """Fail fast, before any actor starts: every variant is known and has its weight file."""
-    for variant in job.variants:
-        spec = get_variant(variant)  # UserError for unknown names
-        checkpoint = job.checkpoint_for(variant)
-        if spec.weights == "checkpoint" and checkpoint is None:
-            raise UserError(f"variant {variant!r} needs a weight file: add it under [checkpoints] in the job spec")
-        if checkpoint is not None and "://" not in checkpoint and not Path(checkpoint).is_file():
-            raise UserError(f"checkpoints.{variant}: {checkpoint} does not exist")
 
 
 def applicable_experiments(
@@ -142,9 +117,17 @@ class ShardProcessor:
         stem: str,
         on_batch: Callable[[int], None] | None = None,
         experiments: tuple[str, ...] | None = None,
+        expected_samples: int | None = None,
+        expected_sha256: str | None = None,
     ) -> dict[str, Any]:
         """Analyse one shard with `experiments` (default: every experiment of the job), then
         write the done-marker listing them with those done before.
+
+        `stem` is the shard's id. With `expected_samples` / `expected_sha256` (its manifest
+        entry) a shard that holds another number of samples or other bytes is not done;
+        neither is one that does not read to its end: `vitlens.data.reader.ShardReadError`
+        is raised after every staged file was dropped, so nothing of the shard is written
+        and the next run redoes it.
 
         Returns {variant, shard, images, rows, rejects, seconds, experiments}.
         """
@@ -167,17 +150,18 @@ class ShardProcessor:
             batches = iter_shard_batches(
                 shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
                 on_reject=lambda shard, key, reason: rejects.append((key, reason)),
+                expected_samples=expected_samples, expected_sha256=expected_sha256,
             )
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
                 for experiment in run:
-                    rows = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else self._analyse(batch, experiment)
+                    rows = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else self._analyse(batch, experiment, stem)
                     for table, table_rows in zip(tables_of(experiment), rows):
                         writers[table, experiment].write(table_rows)
                 if on_batch is not None:
                     on_batch(batch_index)
             reject_rows = to_table("rejects", {
-                "shard": [shard_url] * len(rejects),
+                "shard": [stem] * len(rejects),
                 "image_key": [key for key, _ in rejects],
                 "stage": ["decode"] * len(rejects),
                 "reason": [reason for _, reason in rejects],
@@ -199,7 +183,7 @@ class ShardProcessor:
         write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
         return stats
 
-    def _analyse(self, batch: Any, experiment: str) -> tuple[Any, Any]:
+    def _analyse(self, batch: Any, experiment: str, shard_id: str) -> tuple[Any, Any]:
         """Run one experiment on one batch and turn it into (tokens, images) rows."""
         perturbation, drop_label = EXPERIMENT_SETTINGS[experiment]
         token_keep = None
@@ -210,7 +194,7 @@ class ShardProcessor:
         names = [self.class_names[i] if 0 <= i < len(self.class_names) else None for i in batch.class_index.tolist()]
         return (
             tokens_table(result, batch.keys, batch.fg_fraction, batch.token_label, self.has_class_token),
-            images_table(result, batch.keys, batch.shard, names, batch.token_label),
+            images_table(result, batch.keys, shard_id, names, batch.token_label),
         )
 
 
@@ -226,48 +210,3 @@ class ShardProcessor:
             explain_table(result, batch.keys, batch.token_label, batch.fg_fraction, self.num_prefix_tokens),
             perturbation_curves_table(result, batch.keys),
         )
-
-
-def _versions() -> dict[str, str]:
-    """Versions recorded in the `runs` table (read from package metadata, nothing imported)."""
-    from importlib.metadata import version
-
-    from vitlens import __version__
-
-    return {"vitlens": __version__, "torch": version("torch"), "timm": version("timm"),
-            "ray": version("ray"), "schema": str(SCHEMA_VERSION)}
-
-
-def write_failed_shards(job: JobSpec, failures: list[tuple[str, str, str]]) -> None:
-    """Record the shards that failed every attempt of this run in `rejects` (stage `analysis`).
-
-    One file per variant, rewritten by every run, so a re-run that succeeds clears it.
-    """
-    for variant in job.variants:
-        rows = [(shard, reason) for v, shard, reason in failures if v == variant]
-        path = table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards")
-        if not rows:
-            path.unlink(missing_ok=True)
-            continue
-        table = to_table("rejects", {
-            "shard": [s for s, _ in rows], "image_key": [None] * len(rows),
-            "stage": ["analysis"] * len(rows), "reason": [r for _, r in rows],
-        })
-        write_parquet_atomic(table, path)
-
-
-def write_run_record(job: JobSpec, report: Any) -> None:
-    """Append this run to the `runs` table (one file per run)."""
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    table = to_table("runs", {
-        "run_id": [run_id], "job_name": [job.name],
-        "job_spec": [json.dumps(asdict(job), sort_keys=True)],
-        "versions": [json.dumps(_versions(), sort_keys=True)],
-        "started_at": [report.started_at],
-        "wall_seconds": [report.wall_seconds], "device": [report.device], "actors": [report.actors],
-        "shards_total": [report.shards_total], "shards_done": [report.shards_done],
-        "shards_skipped": [report.shards_skipped], "shards_failed": [len(report.failures)],
-        "rows_written": [sum(s.get("rows", 0) for s in report.shard_stats)],
-        "analysis_seconds": [sum(s.get("seconds", 0.0) for s in report.shard_stats)],
-    })
-    write_parquet_atomic(table, table_file(job.output, "runs", "all", NO_EXPERIMENT, run_id))

@@ -10,7 +10,11 @@ Layout (hive partitions, one file per (table, variant, experiment, shard))::
     ROOT/_done/variant=V/<shard>.json        (written last, after every table of the shard;
                                               lists the experiments done on it)
 
-File names come from the shard name, so a re-run overwrites rather than adds. Every file
+Partition values are percent-encoded (`timm:vit_tiny@random` is the folder
+`variant=timm%3Avit_tiny@random`), which DuckDB's hive partitioning decodes, so the
+views show exactly the spec's names. A shard's id is its file name without `.tar`; two
+shards of one job with the same id are refused before any work starts (`shard_ids`).
+File names come from the shard id, so a re-run overwrites rather than adds. Every file
 is written under a temporary name in the same folder and renamed into place, so a reader
 (or a killed writer) never sees half a file. A shard counts as done only when its marker
 exists; a re-run skips the experiments a shard's marker lists and runs the others, so adding
@@ -21,31 +25,56 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import uuid
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vitlens.errors import UserError
+
 NO_EXPERIMENT = "none"
-_SAFE = re.compile(r"[^A-Za-z0-9_.@+=-]")
+#: Characters kept as they are in partition values and file stems; all others are %XX-encoded.
+_SAFE_CHARS = "@+-_.~"
 
 
 def partition_value(value: str) -> str:
-    """A hive partition value that is safe as a folder name (`/` and spaces become `_`)."""
-    return _SAFE.sub("_", value)
+    """A hive partition value that is safe as a folder name and decodes back to `value`:
+    percent-encoding of every character but letters, digits and `@+-_.~` (DuckDB's hive
+    partitioning and `urllib.parse.unquote` give `value` back)."""
+    return quote(value, safe=_SAFE_CHARS)
 
 
 def shard_stem(shard_url: str) -> str:
-    """The file stem for a shard: its base name without `.tar` (URLs included)."""
+    """The id of a shard within a job, and the stem of its files: its base name without
+    `.tar` (URLs included)."""
     name = shard_url.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
     return partition_value(name)
+
+
+def shard_ids(shard_urls: list[str]) -> list[str]:
+    """The id of every shard of a job (`shard_stem`), refusing two shards with one id:
+    their output files and done-markers would overwrite each other."""
+    seen: dict[str, str] = {}
+    ids = []
+    for url in shard_urls:
+        stem = shard_stem(url)
+        if stem in seen:
+            if seen[stem] == url:
+                raise UserError(f"shard {url} is listed twice in the job's data")
+            raise UserError(
+                f"shards {seen[stem]} and {url} have the same shard id {stem!r}: outputs are keyed by "
+                "the shard's file name, so rename one of them (or run them as two jobs)"
+            )
+        seen[stem] = url
+        ids.append(stem)
+    return ids
 
 
 def table_file(root: str | Path, table: str, variant: str, experiment: str, stem: str) -> Path:

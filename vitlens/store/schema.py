@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -78,7 +78,7 @@ REJECTS = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
         pa.field("image_key", pa.string()),  # null when the whole shard failed
-        pa.field("stage", pa.string(), nullable=False),  # decode | analysis
+        pa.field("stage", pa.string(), nullable=False),  # decode (a sample) | read | analysis (a shard)
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
@@ -90,6 +90,8 @@ RUNS = pa.schema(
         pa.field("job_spec", pa.string(), nullable=False),  # JSON of the validated spec
         pa.field("versions", pa.string(), nullable=False),  # JSON: vitlens, torch, timm, ray, schema
         pa.field("started_at", pa.timestamp("s", tz="UTC"), nullable=False),
+        pa.field("status", pa.string()),  # running | done | partial | interrupted | killed (v3; null before)
+        pa.field("finished_at", pa.timestamp("s", tz="UTC")),  # null while running or when killed
         pa.field("wall_seconds", pa.float64(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
         pa.field("actors", pa.int32(), nullable=False),

@@ -1,0 +1,131 @@
+"""What the driver records about a run (no torch, no Ray): the `runs` row and the shards
+that failed.
+
+A run writes its `runs` row twice under one run id: when it starts (`status = 'running'`)
+and when it ends (`done`, `partial` when some shard failed, `interrupted` on Ctrl-C or an
+error). A driver killed outright leaves `running`; the next run into the same output takes
+over its stale lock and rewrites that row as `killed`. So every run, also a re-run with
+nothing to do, has exactly one row.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow.parquet as pq
+
+from vitlens.runner.spec import JobSpec
+from vitlens.store.layout import NO_EXPERIMENT, shard_stem, table_file, write_parquet_atomic
+from vitlens.store.schema import SCHEMA_VERSION, to_table
+
+#: `runs.status` values.
+RUN_STATUSES: tuple[str, ...] = ("running", "done", "partial", "interrupted", "killed")
+
+
+class ShardFailure(NamedTuple):
+    """A (variant, shard) that this run could not complete: stage `read` (the shard is
+    damaged or does not match its manifest; not retried) or `analysis` (every attempt failed)."""
+
+    variant: str
+    shard: str  # the shard's URL as the job lists it
+    stage: str
+    reason: str  # one line (vitlens.errors.one_line_reason)
+
+
+@dataclass
+class JobReport:
+    """What a run did: shard counts, failures, per-shard statistics, wall time."""
+
+    shards_total: int
+    shards_skipped: int
+    shards_done: int = 0
+    failures: list[ShardFailure] = field(default_factory=list)
+    shard_stats: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    actors: int = 0
+    device: str = "none"  # "none" when no actor was needed
+    run_id: str = ""
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """`YYYYmmddTHHMMSS-<8 hex>`: sortable by start time, unique."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in the `runs` table (read from package metadata, nothing imported)."""
+    from vitlens import __version__
+
+    found = {"vitlens": __version__, "schema": str(SCHEMA_VERSION)}
+    for package in ("torch", "timm", "ray"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def run_file(root: str | Path, run_id: str) -> Path:
+    """The `runs` file of one run."""
+    return table_file(root, "runs", "all", NO_EXPERIMENT, run_id)
+
+
+def write_run_record(job: JobSpec, report: JobReport, status: str) -> None:
+    """Write (or rewrite) this run's `runs` row with `status`."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"unknown run status {status!r}")
+    finished = None if status == "running" else datetime.now(timezone.utc).replace(microsecond=0)
+    table = to_table("runs", {
+        "run_id": [report.run_id], "job_name": [job.name],
+        "job_spec": [json.dumps(asdict(job), sort_keys=True)],
+        "versions": [json.dumps(versions(), sort_keys=True)],
+        "started_at": [report.started_at], "status": [status], "finished_at": [finished],
+        "wall_seconds": [report.wall_seconds], "device": [report.device], "actors": [report.actors],
+        "shards_total": [report.shards_total], "shards_done": [report.shards_done],
+        "shards_skipped": [report.shards_skipped], "shards_failed": [len(report.failures)],
+        "rows_written": [sum(s.get("rows", 0) for s in report.shard_stats)],
+        "analysis_seconds": [sum(s.get("seconds", 0.0) for s in report.shard_stats)],
+    })
+    write_parquet_atomic(table, run_file(job.output, report.run_id))
+
+
+def mark_run_killed(root: str | Path, run_id: str) -> bool:
+    """Rewrite the `running` row of a run whose driver died as `killed`; False when there is none."""
+    path = run_file(root, run_id)
+    if not path.is_file():
+        return False
+    table = pq.read_table(path)
+    if table.num_rows != 1 or table.column("status")[0].as_py() != "running":
+        return False
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    columns["status"] = ["killed"]
+    write_parquet_atomic(to_table("runs", columns), path)
+    return True
+
+
+def write_failed_shards(job: JobSpec, failures: list[ShardFailure]) -> None:
+    """Record the shards this run could not complete in `rejects` (stage `read` or `analysis`;
+    `shard` is the shard's id, like everywhere in the store).
+
+    One file per variant, rewritten by every run that analysed something, so a re-run that
+    succeeds clears it.
+    """
+    for variant in job.variants:
+        rows = [f for f in failures if f.variant == variant]
+        path = table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards")
+        if not rows:
+            path.unlink(missing_ok=True)
+            continue
+        table = to_table("rejects", {
+            "shard": [shard_stem(f.shard) for f in rows], "image_key": [None] * len(rows),
+            "stage": [f.stage for f in rows], "reason": [f.reason for f in rows],
+        })
+        write_parquet_atomic(table, path)
