@@ -52,7 +52,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"{job.name}: {report.shards_done} shard×variant done, {report.shards_skipped} skipped (done before), "
         f"{len(report.failures)} failed; {rows} token rows in {report.wall_seconds:.1f} s "
-        f"on {report.actors} {report.device} actor(s) -> {job.output} (run {report.run_id})"
+        + (f"on {report.actors} {report.device} actor(s)" if report.actors else "(nothing left to do)")
+        + f" -> {job.output} (run {report.run_id})"
     )
     for failure in report.failures:
         print(f"  FAILED {failure.variant} {failure.shard} ({failure.stage}): {failure.reason}")
