@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -157,3 +158,27 @@ def test_manifest_checksum_and_count_are_checked_unless_no_verify(tmp_path: Path
     assert again.returncode == 3, again.stdout + again.stderr
     assert [(s, stage) for s, stage, _ in rejects(results)] == [("shapes-validation-000003", "read")]
     assert done_ids(results) == ["shapes-validation-000000", "shapes-validation-000001", "shapes-validation-000002"]
+
+
+def test_a_shard_replaced_under_its_name_is_redone(tmp_path: Path, shards: Path) -> None:
+    data = copy_shards(shards, tmp_path / "data")
+    job = write_job(tmp_path / "job", data)
+    results = tmp_path / "job" / "results"
+    assert run(job).returncode == 0
+    # other data under the same names: shards 0 and 2 swap bytes, the manifest follows
+    first, third = data / "shapes-validation-000000.tar", data / "shapes-validation-000002.tar"
+    a, b = first.read_bytes(), third.read_bytes()
+    first.write_bytes(b)
+    third.write_bytes(a)
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = manifest["shards"]
+    entries[0]["sha256"], entries[2]["sha256"] = entries[2]["sha256"], entries[0]["sha256"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    again = run(job)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 shard×variant done, 2 skipped" in again.stdout
+    keys = duckdb.connect().execute(
+        f"SELECT DISTINCT image_key FROM read_parquet('{results}/table=images/*/*/shapes-validation-000000.parquet')"
+    ).fetchall()
+    inside = {name.split(".")[0] for name in tarfile.open(first).getnames()}
+    assert {k for (k,) in keys} == inside

@@ -75,6 +75,15 @@ def test_done_markers_and_cleanup(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_marker_of_other_shard_bytes_counts_as_not_done(tmp_path: Path) -> None:
+    write_json_atomic({"experiments": ["baseline"], "sha256": "aa"}, done_marker(tmp_path, "v", "s-000000"))
+    assert done_experiments(tmp_path, "v", "s-000000", sha256="aa") == {"baseline"}
+    assert done_experiments(tmp_path, "v", "s-000000", sha256="bb") == frozenset()  # replaced data: redo
+    assert done_experiments(tmp_path, "v", "s-000000") == {"baseline"}  # not verified now: trust the marker
+    write_json_atomic({"experiments": ["baseline"], "sha256": None}, done_marker(tmp_path, "v", "s-000001"))
+    assert done_experiments(tmp_path, "v", "s-000001", sha256="bb") == {"baseline"}  # not verified then
+
+
 def test_to_table_casts_and_names_missing_columns() -> None:
     table = to_table(
         "rejects",

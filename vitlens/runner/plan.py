@@ -58,7 +58,7 @@ class WorkQueue:
             queue.in_flight[variant] = 0
             for url, (samples, sha256) in zip(shard_urls, checks):
                 stem = shard_stem(url)
-                done = done_experiments(output_root, variant, stem)
+                done = done_experiments(output_root, variant, stem, sha256)
                 item = WorkItem(variant, url, stem, tuple(e for e in experiments if e not in done),
                                 expected_samples=samples, expected_sha256=sha256)
                 if item.experiments:

@@ -175,10 +175,11 @@ class ShardProcessor:
             writer.commit()
         rows = sum(w.rows for (table, _), w in writers.items() if table in ("tokens", "explain"))
         # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
-        done = sorted(done_experiments(self.job.output, self.variant, stem) | set(requested))
+        done = sorted(done_experiments(self.job.output, self.variant, stem, expected_sha256) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
             "rejects": len(rejects), "seconds": time.perf_counter() - started, "experiments": done,
+            "sha256": expected_sha256,  # verified in the read; a later run redoes the shard if it changes
         }
         write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
         return stats

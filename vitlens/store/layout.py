@@ -121,9 +121,13 @@ def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def done_experiments(root: str | Path, variant: str, stem: str) -> frozenset[str]:
+def done_experiments(root: str | Path, variant: str, stem: str, sha256: str | None = None) -> frozenset[str]:
     """The experiments whose tables of (variant, shard) were completely written by earlier runs
-    (empty without a marker, or for a marker that lists none)."""
+    (empty without a marker, or for a marker that lists none).
+
+    With `sha256` (the shard's checksum now), a marker that recorded another checksum counts
+    as none: the shard was replaced by other data under the same name, so all is redone.
+    """
     path = done_marker(root, variant, stem)
     if not path.is_file():
         return frozenset()
@@ -131,8 +135,12 @@ def done_experiments(root: str | Path, variant: str, stem: str) -> frozenset[str
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return frozenset()  # an unreadable marker: redo the shard
-    return frozenset(payload.get("experiments", ())) if isinstance(payload, dict) else frozenset()
-
+    if not isinstance(payload, dict):
+        return frozenset()
+    recorded = payload.get("sha256")
+    if sha256 is not None and recorded is not None and recorded != sha256:
+        return frozenset()
+    return frozenset(payload.get("experiments", ()))
 
 
 def clean_temporaries(root: str | Path) -> int:
