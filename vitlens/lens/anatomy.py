@@ -32,6 +32,8 @@ class ViTAnatomy:
     embed_dim: int
     num_classes: int
     mlp_width: int
+    grid_size: tuple[int, int] = (0, 0)  # image tokens per column and row (patch_embed.grid_size)
+    token_cell: tuple[int, int] = (0, 0)  # input pixels (h, w) one image token covers: img_size / grid_size
 
     @property
     def is_gap(self) -> bool:
@@ -50,6 +52,10 @@ def describe_model(model: torch.nn.Module) -> ViTAnatomy:
     name = type(model).__name__
     if not isinstance(model, VisionTransformer):
         raise UserError(f"the lens needs a timm VisionTransformer, got {name}")
+    if getattr(model, "head_dist", None) is not None:
+        # METHOD §1b: the model averages head(cls) and head_dist(dist); projecting through
+        # `head` alone would disagree with the model's own output, so refuse until supported.
+        raise UserError(f"{name} averages two heads (head and head_dist); distilled models are not supported yet")
     if model.global_pool not in SUPPORTED_POOLS or model.attn_pool is not None:
         raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {SUPPORTED_POOLS})")
     if not isinstance(model.head, torch.nn.Linear):
@@ -62,7 +68,10 @@ def describe_model(model: torch.nn.Module) -> ViTAnatomy:
             raise UserError(f"block {index}: unsupported attention {type(block.attn).__name__}")
         if type(block.mlp) is not Mlp:
             raise UserError(f"block {index}: unsupported MLP {type(block.mlp).__name__}")
+    grid_size, token_cell = _token_grid(model)
     return ViTAnatomy(
+        grid_size=grid_size,
+        token_cell=token_cell,
         num_blocks=len(model.blocks),
         num_prefix_tokens=int(model.num_prefix_tokens),
         has_class_token=bool(model.has_class_token),
@@ -72,6 +81,17 @@ def describe_model(model: torch.nn.Module) -> ViTAnatomy:
         num_classes=int(model.num_classes),
         mlp_width=int(model.blocks[0].mlp.fc1.out_features),
     )
+
+
+def _token_grid(model: VisionTransformer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(grid_size, token_cell) from the patch embedding itself (METHOD §1b): a hybrid ViT's CNN
+    stem strides before its `patch_size`, so its tokens cover img_size / grid_size pixels."""
+    embed = model.patch_embed
+    grid = tuple(int(g) for g in embed.grid_size)
+    image = tuple(int(i) for i in embed.img_size)
+    if any(i % g for i, g in zip(image, grid)):
+        raise UserError(f"input {image} is not a whole number of tokens of the {grid} token grid")
+    return (grid[0], grid[1]), (image[0] // grid[0], image[1] // grid[1])
 
 
 def project(model: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor:

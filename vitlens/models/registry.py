@@ -181,7 +181,8 @@ def _data_config(spec: VariantSpec, model: torch.nn.Module) -> dict[str, Any]:
     """timm's eval preprocessing of `model` at its input size, then the card's and spec's overrides."""
     config = dict(resolve_data_config({}, model=model))
     # the pretrained config keeps its own size when model_kwargs change img_size: trust the model
-    config["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    # (channels from timm's config: a hybrid's patch_embed.proj reads the CNN stem's features)
+    config["input_size"] = (int(config["input_size"][0]), *model.patch_embed.img_size)
     if spec.timm_name is None:
         config.update(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX))["data_config"])
     config.update(spec.data_config_overrides)

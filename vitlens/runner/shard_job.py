@@ -81,7 +81,7 @@ class ShardProcessor:
         self.class_names = loaded.class_names
         self.lens = Lens(self.model)
         self.geometry = EvalGeometry.from_data_config(loaded.data_config)
-        self.patch_size = tuple(self.model.patch_embed.patch_size)
+        self.patch_size = self.lens.anatomy.token_cell  # the input pixels of one image token (hybrids: the stem's stride)
         self.has_class_token = self.lens.anatomy.has_class_token
         self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
         pools_class_token = self.has_class_token and self.lens.anatomy.global_pool == "token"
