@@ -159,16 +159,6 @@ def test_cli_models_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown model variant 'nope'" in capsys.readouterr().err
 
 
-def test_distilled_deit_runs_with_its_two_prefix_tokens() -> None:
-    spec = dataclasses.replace(get_variant("timm:deit_tiny_distilled_patch16_224@random"), model_kwargs=SMALL)
-    model = load_variant(spec).model
-    images = torch.randn(2, 3, 32, 32)
-    expected = model(images)  # eval: mean of the class and distillation heads
-    out = Lens(model).run(images, torch.tensor([0, 1]))
-    assert out.num_prefix_tokens == 2 and out.rank.shape[-1] == 2 + 4
-    assert torch.equal(out.prediction, expected.argmax(dim=-1))
-
-
 def test_cli_show_load_prints_preprocessing(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "show", "timm:vit_tiny_patch16_224@random", "--load"]) == 0
     shown = capsys.readouterr().out

@@ -133,11 +133,12 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
             if queue.total() > 0:
                 local_cpus = max(2, int(job.resources.max_actors * job.resources.cpus_per_actor), os.cpu_count() or 1)
                 _connect(address, local_cpus)
+                placement = _placement(job)  # UserError (e.g. cuda without a GPU) before any row
                 _check_variants_on_cluster(job)
             write_run_record(job, report, "running")
             recorded = True
             if queue.total() > 0:
-                _schedule(job, queue, report, progress)
+                _schedule(job, queue, report, placement, progress)
             status = "partial" if report.failures else "done"
             write_failed_shards(job, report.failures)
         finally:
@@ -153,13 +154,14 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _schedule(job: JobSpec, queue: WorkQueue, report: JobReport, progress: bool) -> None:
+def _schedule(job: JobSpec, queue: WorkQueue, report: JobReport,
+              placement: tuple[str, int, dict[str, float]], progress: bool) -> None:
     """Feed every pending (variant, shard) to actors until the queue is empty."""
     import ray
 
     from vitlens.runner.actors import actor_class
 
-    device, n_slots, request = _placement(job)
+    device, n_slots, request = placement
     report.device, report.actors = device, n_slots
     env = {k: v for k, v in os.environ.items() if k.startswith("VITLENS_")}  # incl. the test hooks
     Actor = actor_class(job.resources.max_actor_restarts)
