@@ -24,8 +24,8 @@ Example (`jobs/demo.toml`)::
     device = "auto"          # auto | cpu | cuda
     cpus_per_actor = 1
     max_actors = 2           # CPU actors when no GPU; with GPUs: one actor per (variant, GPU)
-    max_task_retries = 2     # retries of a shard whose actor died
-    max_actor_restarts = 2   # restarts of an actor that died
+    max_task_retries = 2     # retries of a shard whose analysis failed or whose actor died
+    max_actor_restarts = 2   # passed to Ray; the driver also replaces a dead actor itself
 
     [explain]                # settings of the "explain" experiment (paper §7), all optional
     target = "true"          # class of interest: true | predicted
