@@ -88,10 +88,10 @@ def test_lens_batch_matches_brute_force() -> None:
 
 
 def test_lens_rejects_unsupported_models() -> None:
-    model = tiny_vit(global_pool="max", class_token=False)
-    with pytest.raises(UserError, match="global_pool"):
+    model = tiny_vit(attn_layer="diff")
+    with pytest.raises(UserError, match="block 1: unsupported attention DiffAttention"):
         Lens(model)
-    with pytest.raises(UserError, match="VisionTransformer"):
+    with pytest.raises(UserError, match="no adapter for Linear"):
         Lens(torch.nn.Linear(3, 3))  # type: ignore[arg-type]
 
 

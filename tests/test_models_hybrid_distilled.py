@@ -19,7 +19,8 @@ import torch
 from vitlens.data.sample_format import EncodedSample, SampleMeta, encode_mask, encode_png
 from vitlens.data.shard_writer import ShardWriter
 from vitlens.errors import UserError
-from vitlens.lens import STREAM_RESID, Lens, describe_model
+from vitlens.lens import STREAM_RESID, Lens, describe_model, project
+from vitlens.lens.parity import check_parity
 from vitlens.models.registry import load_variant
 from vitlens.runner.spec import DataSpec, JobSpec
 from vitlens.runner.variant_check import variant_problems
@@ -80,13 +81,24 @@ def test_hybrid_job_token_labels_fall_on_the_right_cells(tmp_path: Path) -> None
     assert rows == expected
 
 
-def test_distilled_deit_is_refused_not_projected_through_one_head() -> None:
-    with torch.device("meta"):
-        model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
-    with pytest.raises(UserError, match="averages two heads .*distilled models are not supported yet"):
-        describe_model(model)
+def test_distilled_deit_projects_through_the_mean_of_both_heads() -> None:
+    """METHOD §1b: a token is projected through (head(norm h) + head_dist(norm h)) / 2, and the
+    mean of the two heads on their own tokens is the model's output."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = model(images)
+        final = model.norm(model.blocks(model._pos_embed(model.patch_embed(images))))
+        by_hand = (model.head(final[:, 0]) + model.head_dist(final[:, 1])) / 2
+        assert torch.allclose(by_hand, expected, atol=1e-5)  # the rule, checked on timm itself
+        hidden = torch.randn(2, 5, model.embed_dim)
+        averaged = (model.head(model.norm(hidden)) + model.head_dist(model.norm(hidden))) / 2
+        assert torch.allclose(project(model, hidden), averaged, atol=1e-5)
+    parity = check_parity(model, images)
+    assert parity.ok and parity.projection_error < 1e-4
+    anatomy = describe_model(model)
+    assert anatomy.num_prefix_tokens == 2 and anatomy.pools_class_token
     job = JobSpec(name="d", output="/tmp/unused", variants=("timm:deit_tiny_distilled_patch16_224@random",),
                   data=DataSpec(shards=("a.tar",)))
-    assert variant_problems(job) == [
-        "variant 'timm:deit_tiny_distilled_patch16_224@random': VisionTransformerDistilled averages two heads "
-        "(head and head_dist); distilled models are not supported yet"]
+    assert variant_problems(job) == []

@@ -7,17 +7,15 @@ All read the CLS row over image tokens; higher = more important.
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.explain.gradients import require_autograd, require_class_token
-from vitlens.lens.anatomy import describe_model
-from vitlens.lens.forward import embed, iter_block_traces, model_logits
+from vitlens.lens.families import adapter_for
 
 BASELINES: tuple[str, ...] = ("chefer", "attention", "rollout", "random")
 
 
 def attention_with_gradients(
-    model: VisionTransformer, images: torch.Tensor, class_index: torch.Tensor
+    model: torch.nn.Module, images: torch.Tensor, class_index: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every block's post-softmax attention and the gradient of the model's output logit of
     class c with respect to it (one forward, one backward).
@@ -25,15 +23,15 @@ def attention_with_gradients(
     # images: [B, 3, H, W], class_index: [B] -> probs, gradients: [B, L, H, T, T]
     """
     require_autograd()
-    anatomy = describe_model(model)
-    require_class_token(anatomy)
+    adapter = adapter_for(model)
+    require_class_token(adapter.anatomy)
     with torch.enable_grad():
-        hidden = embed(model, images, anatomy)
+        hidden = adapter.embed(images)
         probs: list[torch.Tensor] = []
-        for trace in iter_block_traces(model, hidden, anatomy, need_probs=True):
+        for trace in adapter.iter_block_traces(hidden, need_probs=True):
             probs.append(trace.attn_probs)
             hidden = trace.resid_post
-        logits = model_logits(model, hidden)  # [B, C]
+        logits = adapter.model_logits(hidden)  # [B, C]
         chosen = logits.gather(1, class_index[:, None]).sum()
         gradients = torch.autograd.grad(chosen, probs)
     return torch.stack([p.detach() for p in probs], 1), torch.stack(gradients, 1)
@@ -84,13 +82,13 @@ def random_importance(batch: int, num_image_tokens: int, seed: int) -> torch.Ten
 
 
 def baseline_importances(
-    model: VisionTransformer, images: torch.Tensor, class_index: torch.Tensor, seed: int = 0
+    model: torch.nn.Module, images: torch.Tensor, class_index: torch.Tensor, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """All baselines of `BASELINES` on one batch, by name.
 
     # images: [B, 3, H, W], class_index: [B] -> {name: importance [B, N]}
     """
-    prefix = describe_model(model).num_prefix_tokens
+    prefix = adapter_for(model).anatomy.num_prefix_tokens
     probs, gradients = attention_with_gradients(model, images, class_index)
     num_image_tokens = probs.shape[-1] - prefix
     return {

@@ -16,10 +16,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-from vitlens.lens.anatomy import describe_model
-from vitlens.lens.forward import embed, model_logits
+from vitlens.lens.families import adapter_for
 
 DeletionTest = Literal["negative", "positive"]
 DELETION_TESTS: tuple[str, ...] = ("negative", "positive")
@@ -48,7 +46,7 @@ def deletion_order(importance: torch.Tensor, test: DeletionTest) -> torch.Tensor
 
 
 def deletion_predictions(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     images: torch.Tensor,
     importance: torch.Tensor,
     test: DeletionTest,
@@ -56,27 +54,23 @@ def deletion_predictions(
 ) -> torch.Tensor:
     """The model's top-1 prediction when keeping n tokens, for every kept count n (default 0..N).
 
-    At a given n every image keeps exactly n image tokens, so the kept tokens are gathered
-    into a shorter sequence (prefix + n, in sequence order) and run through timm's own
-    blocks: the same outputs as excluding the others as attention keys (METHOD §4), at about
-    half the cost of full-length masked forwards over a curve.
+    At a given n every image keeps exactly n image tokens; the family adapter's
+    `logits_keeping` runs them (ViT: gathered into a shorter sequence, the same outputs as
+    excluding the others as attention keys, METHOD §4, at about half the cost).
 
     # images: [B, 3, H, W], importance: [B, N], kept_counts: [K] -> predictions: [K, B] int64
     """
-    anatomy = describe_model(model)
-    prefix = anatomy.num_prefix_tokens
+    adapter = adapter_for(model)
+    prefix = adapter.anatomy.num_prefix_tokens
     if kept_counts is None:
         kept_counts = kept_token_counts(importance.shape[1])
     order = deletion_order(importance, test)  # [B, N]
     predictions = []
     with torch.no_grad():
-        hidden = embed(model, images, anatomy)  # [B, P+N, d]
-        width = hidden.shape[-1]
+        hidden = adapter.embed(images)  # [B, P+N, d]
         for count in kept_counts.tolist():
             kept = order[:, :count].sort(dim=1).values + prefix  # [B, n] positions in the sequence
-            image_tokens = hidden.gather(1, kept[:, :, None].expand(-1, -1, width))  # [B, n, d]
-            sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
-            predictions.append(model_logits(model, model.blocks(sequence)).argmax(dim=1))
+            predictions.append(adapter.logits_keeping(hidden, kept).argmax(dim=1))
     return torch.stack(predictions)
 
 

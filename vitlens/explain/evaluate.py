@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.explain.baselines import baseline_importances
 from vitlens.explain.deletion import (
@@ -26,7 +25,7 @@ METHODS: tuple[str, ...] = ("ours", "chefer", "attention", "rollout", "random")
 
 
 def method_importances(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     images: torch.Tensor,
     class_index: torch.Tensor,
     source: GradientSource = "resid",
@@ -78,7 +77,7 @@ class PerturbationCurve:
 
 
 def perturbation_curves(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     importances: dict[str, torch.Tensor],
@@ -110,7 +109,7 @@ class ExplainBatch:
 
 
 def explain_batch(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     target: str = "true",

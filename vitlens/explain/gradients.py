@@ -8,8 +8,9 @@ output of block b (`source="attn"`, the reference code's choice).
 All blocks come from ONE forward and ONE backward per batch. Inside block b the CLS
 token's stream depends on `a_b` only through the CLS row `a_b[:, :, cls, :]` (every other
 row feeds other tokens; layer norms and MLPs act per token). So for every block a
-*detached branch* recomputes the rest of block b for the CLS token alone from a leaf copy
-of that row; the main path (run without gradients) continues to block b+1 untouched.
+*detached branch* (the family adapter's `cls_branch`) recomputes the rest of block b for
+the CLS token from a leaf copy of that row; the main path (run without gradients)
+continues to block b+1 untouched.
 The branch losses are summed and back-propagated once: the gradient on leaf b contains
 `ℓ_b` only — never the later losses `ℓ_{b'>b}` (tests compare against a separate
 `torch.autograd.grad` per block on the full graph).
@@ -21,11 +22,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy, describe_model, project
-from vitlens.lens.forward import BlockTrace, embed, iter_block_traces
+from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
+from vitlens.lens.families import adapter_for
 
 GradientSource = Literal["resid", "attn"]
 GRADIENT_SOURCES: tuple[str, ...] = ("resid", "attn")
@@ -38,48 +38,15 @@ def require_autograd() -> None:
 
 
 def require_class_token(anatomy: ViTAnatomy) -> None:
-    """Reject models without a CLS token: the method differentiates the CLS token's projection."""
-    if not anatomy.has_class_token or anatomy.global_pool != "token":
-        raise UserError(
-            "explainability needs a CLS-token model (global_pool='token'); "
-            f"this model pools with global_pool={anatomy.global_pool!r}"
-        )
-
-
-def _cls_branch(
-    block: torch.nn.Module, trace: BlockTrace, cls_row: torch.Tensor, post_norm: bool, source: str
-) -> torch.Tensor:
-    """Recompute block `trace.index`'s CLS stream from the leaf attention row `cls_row`.
-
-    Same submodules and order as `vitlens.lens.forward.block_forward` and
-    `vitlens.lens.attention.attention_sublayer`, for the CLS query only.
-
-    # cls_row: [B, H, T] (leaf) -> x_cls: [B, d]
-    """
-    attn = block.attn
-    resid_pre = trace.resid_pre.detach()  # [B, T, d]
-    attn_input = resid_pre if post_norm else block.norm1(resid_pre)
-    batch, tokens, _ = attn_input.shape
-    qkv = attn.qkv(attn_input).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-    values = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
-    heads_out = torch.einsum("bht,bhtd->bhd", attn.attn_drop(cls_row), values)  # [B, H, hd]
-    coefficients = attn.norm(heads_out.reshape(batch, attn.attn_dim))  # [B, d]
-    if attn.gate is not None:
-        coefficients = coefficients * attn.gate(attn_input[:, 0]).sigmoid()
-    output = attn.proj_drop(attn.proj(coefficients))
-    attn_out = block.norm1(output) if post_norm else block.ls1(output)
-    if source == "attn":
-        return attn_out
-    resid_mid = resid_pre[:, 0] + block.drop_path1(attn_out)
-    mlp = block.mlp
-    mlp_coefficients = mlp.fc1(resid_mid if post_norm else block.norm2(resid_mid))
-    mlp_raw = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(mlp_coefficients)))))
-    mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
-    return resid_mid + block.drop_path2(mlp_out)
+    """Reject models explainability does not apply to (no CLS token the head reads, XCiT, ...),
+    with the family's one-line reason."""
+    reason = anatomy.skip_reason(EXPLAIN_EXPERIMENT)
+    if reason is not None:
+        raise UserError(f"explainability does not apply to this model: {reason}")
 
 
 def block_head_importance(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     images: torch.Tensor,
     class_index: torch.Tensor,
     source: GradientSource = "resid",
@@ -94,18 +61,18 @@ def block_head_importance(
     if source not in GRADIENT_SOURCES:
         raise UserError(f"unknown gradient source {source!r}: use one of {GRADIENT_SOURCES}")
     require_autograd()
-    anatomy = describe_model(model)
-    require_class_token(anatomy)
-    prefix = anatomy.num_prefix_tokens
+    adapter = adapter_for(model)
+    require_class_token(adapter.anatomy)
+    prefix = adapter.anatomy.num_prefix_tokens
     leaves: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     with torch.no_grad():  # the main path needs no graph; each branch builds its own
-        hidden = embed(model, images, anatomy)
-        for block, trace in zip(model.blocks, iter_block_traces(model, hidden, anatomy, need_probs=True)):
+        hidden = adapter.embed(images)
+        for trace in adapter.iter_block_traces(hidden, need_probs=True):
             with torch.enable_grad():
                 cls_row = trace.attn_probs[:, :, 0, :].clone().requires_grad_(True)  # [B, H, T]
-                x_cls = _cls_branch(block, trace, cls_row, anatomy.post_norm, source)
-                losses.append(F.cross_entropy(project(model, x_cls), class_index, reduction="sum"))
+                x_cls = adapter.cls_branch(trace.index, trace, cls_row, source)
+                losses.append(F.cross_entropy(adapter.project(x_cls), class_index, reduction="sum"))
             leaves.append(cls_row)
     with torch.enable_grad():
         torch.stack(losses).sum().backward(inputs=leaves)

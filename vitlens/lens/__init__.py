@@ -1,9 +1,10 @@
-"""The class-embedding-space lens: hooked forward over unmodified timm ViTs, projection,
-on-device reduction and perturbations (design notes: `vitlens/lens/README.md`)."""
+"""The class-embedding-space lens: hooked forward over unmodified timm models (one adapter per
+family, `vitlens/lens/families/`), projection, on-device reduction and perturbations (design notes: `vitlens/lens/README.md`)."""
 
 from vitlens.lens.analysis import DEFAULT_TOP_K, Lens
 from vitlens.lens.anatomy import ViTAnatomy, describe_model, project
-from vitlens.lens.forward import BlockTrace, block_forward, embed, iter_block_traces, model_logits
+from vitlens.lens.families import ModelAdapter, adapter_for
+from vitlens.lens.forward import BlockTrace, embed, iter_block_traces, model_logits
 from vitlens.lens.memories import SUBLAYERS, MemoryTable, build_memory_tables, value_vectors
 from vitlens.lens.output import STREAM_ATTN, STREAM_MLP, STREAM_RESID, STREAMS, LensBatch
 from vitlens.lens.perturb import ATTENTION_PERTURBATIONS, attention_keep_mask, token_keep_from_labels
@@ -20,9 +21,10 @@ __all__ = [
     "Lens",
     "LensBatch",
     "MemoryTable",
+    "ModelAdapter",
     "ViTAnatomy",
     "attention_keep_mask",
-    "block_forward",
+    "adapter_for",
     "build_memory_tables",
     "describe_model",
     "embed",

@@ -9,31 +9,31 @@ states are never kept past their block. No Python loop runs over images or token
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import describe_model, project
-from vitlens.lens.forward import embed, iter_block_traces, model_logits
+from vitlens.lens.families import ModelAdapter, adapter_for
 from vitlens.lens.memories import build_memory_tables, token_memory_flags
 from vitlens.lens.output import CLASS_FILL, RANK_FILL, STREAM_ATTN, STREAM_MLP, STREAM_RESID, LensBatch
 from vitlens.lens.perturb import AttentionPerturbation, attention_keep_mask
-from vitlens.lens.reduce import LogitReduction, correct_class_logit, reduce_logits
+from vitlens.lens.reduce import LogitReduction, reduce_logits
 
 DEFAULT_TOP_K = 5
 
 
 class Lens:
-    """The class-embedding-space lens over one timm ViT (checked once, memory tables cached)."""
+    """The class-embedding-space lens over one timm model (checked once, memory tables cached)."""
 
-    def __init__(self, model: VisionTransformer, top_k: int = DEFAULT_TOP_K) -> None:
-        """Describe `model` (raises `UserError` if unsupported) and precompute its memory tables.
+    def __init__(self, model: torch.nn.Module, top_k: int = DEFAULT_TOP_K) -> None:
+        """Check `model` through its family adapter (raises `UserError` if unsupported) and
+        precompute its memory tables.
 
         Move the model to its device first: the tables live where its parameters are.
         """
         self.model = model
-        self.anatomy = describe_model(model)
+        self.adapter: ModelAdapter = adapter_for(model)
+        self.anatomy = self.adapter.anatomy
         self.top_k = min(top_k, self.anatomy.num_classes)
-        self.memory_tables = build_memory_tables(model, top_k)
+        self.memory_tables = build_memory_tables(self.adapter, top_k)
 
     def run(
         self,
@@ -62,9 +62,10 @@ class Lens:
                 f"(got shape {tuple(class_index.shape)} for {images.shape[0]} images): "
                 "do the data's labels belong to this model's label space?"
             )
+        adapter = self.adapter
         with torch.inference_mode():
-            hidden = embed(model, images, anatomy)
-            batch, num_tokens = hidden.shape[:2]
+            hidden = adapter.embed(images)
+            batch, num_tokens = hidden.shape[0], anatomy.num_tokens
             key_keep = None
             if token_keep is not None:
                 prefix = torch.ones(batch, anatomy.num_prefix_tokens, dtype=torch.bool, device=images.device)
@@ -79,28 +80,33 @@ class Lens:
                     attention_perturbation, num_tokens, anatomy.num_prefix_tokens,
                     anatomy.has_class_token, device=hidden.device,
                 )
-            self._write_stream(out, 0, STREAM_RESID, hidden, class_index)
+            self._write_stream(out, 0, STREAM_RESID, hidden, class_index, num_tokens - hidden.shape[1])
             resid_final = hidden
-            for trace in iter_block_traces(model, hidden, anatomy, keep_mask, key_keep=key_keep):
-                block = trace.index
-                self._write_stream(out, block, STREAM_RESID, trace.resid_post, class_index)
+            for trace in adapter.iter_block_traces(hidden, keep_mask, key_keep=key_keep):
+                block, start = trace.index, trace.first_token
+                self._write_stream(out, block, STREAM_RESID, trace.resid_post, class_index, num_tokens - trace.resid_post.shape[1])
+                covered = trace.attn_out.shape[1]  # the sub-layer tokens S
+                if start == 0 and trace.sublayer_tokens is None and trace.resid_pre.shape[1] == num_tokens:
+                    attn_input_logit = out.correct_logit[:, block - 1, STREAM_RESID]
+                else:
+                    attn_input_logit = adapter.correct_class_logit(trace.resid_pre[:, :covered], class_index)
                 sublayers = (
-                    (STREAM_ATTN, "attn", trace.attn_out, trace.attn_coefficients,
-                     out.correct_logit[:, block - 1, STREAM_RESID]),
+                    (STREAM_ATTN, "attn", trace.attn_out, trace.attn_coefficients, attn_input_logit),
                     (STREAM_MLP, "mlp", trace.mlp_out, trace.mlp_coefficients,
-                     correct_class_logit(model, trace.resid_mid, class_index)),
+                     adapter.correct_class_logit(trace.resid_mid[:, :covered], class_index)),
                 )
                 for stream, sublayer, output, coefficients, input_logit in sublayers:
-                    reduction = self._write_stream(out, block, stream, output, class_index)
-                    out.input_correct_logit[:, block, stream] = input_logit
+                    reduction = self._write_stream(out, block, stream, output, class_index, start)
+                    positions = slice(start, start + covered)
+                    out.input_correct_logit[:, block, stream, positions] = input_logit
                     agreement, non_compositional = token_memory_flags(
                         coefficients, self.memory_tables[block - 1][sublayer], class_index,
                         reduction.topk_class[..., 0], self.top_k,
                     )
-                    out.key_value_agreement[:, block, stream] = agreement
-                    out.non_compositional[:, block, stream] = non_compositional
+                    out.key_value_agreement[:, block, stream, positions] = agreement
+                    out.non_compositional[:, block, stream, positions] = non_compositional
                 resid_final = trace.resid_post
-            out.prediction = model_logits(model, resid_final, key_keep).argmax(dim=-1)
+            out.prediction = adapter.model_logits(resid_final, key_keep).argmax(dim=-1)
             out.correct = out.prediction == class_index
             out.token_present.fill_(True)
             if key_keep is not None:
@@ -108,17 +114,20 @@ class Lens:
             return out
 
     def _write_stream(
-        self, out: LensBatch, block: int, stream: int, hidden: torch.Tensor, class_index: torch.Tensor
+        self, out: LensBatch, block: int, stream: int, hidden: torch.Tensor, class_index: torch.Tensor,
+        start: int = 0,
     ) -> LogitReduction:
-        """Project one (block, stream), reduce it and write it into `out`.
+        """Project one (block, stream), reduce it and write it into `out` at token positions
+        `start .. start + T'` (positions a block does not cover keep their fill values).
 
-        # hidden: [B, T, d], class_index: [B] -> LogitReduction ([B, T] fields)
+        # hidden: [B, T', d], class_index: [B] -> LogitReduction ([B, T'] fields)
         """
-        reduction = reduce_logits(project(self.model, hidden), class_index, self.top_k)
-        out.rank[:, block, stream] = reduction.rank
-        out.correct_logit[:, block, stream] = reduction.correct_logit
-        out.topk_class[:, block, stream] = reduction.topk_class
-        out.topk_logit[:, block, stream] = reduction.topk_logit
+        reduction = reduce_logits(self.adapter.project(hidden), class_index, self.top_k)
+        positions = slice(start, start + hidden.shape[1])
+        out.rank[:, block, stream, positions] = reduction.rank
+        out.correct_logit[:, block, stream, positions] = reduction.correct_logit
+        out.topk_class[:, block, stream, positions] = reduction.topk_class
+        out.topk_logit[:, block, stream, positions] = reduction.topk_logit
         return reduction
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
+from vitlens.lens.anatomy import model_adapter
+from vitlens.lens.families.base import SUBLAYERS, ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,12 @@ class MemoryTable:
     memory_top_class: torch.Tensor  # [M] int64: argmax over classes of each memory's E·w
 
 
-def value_vectors(model: VisionTransformer, block_index: int, sublayer: str) -> torch.Tensor:
+def value_vectors(model: torch.nn.Module, block_index: int, sublayer: str) -> torch.Tensor:
     """The value vectors (as columns) of sub-layer `sublayer` of block `block_index` (1-based).
 
     # -> values: [d, M]
     """
-    block = model.blocks[block_index - 1]
-    if sublayer == "mlp":
-        return block.mlp.fc2.weight
-    if sublayer == "attn":
-        return block.attn.proj.weight
-    raise ValueError(f"unknown sub-layer {sublayer!r}: use one of {SUBLAYERS}")
+    return model_adapter(model).value_vectors(block_index, sublayer)
 
 
 def build_memory_table(class_embedding: torch.Tensor, values: torch.Tensor, top_k: int) -> MemoryTable:
@@ -49,14 +44,18 @@ def build_memory_table(class_embedding: torch.Tensor, values: torch.Tensor, top_
     )
 
 
-def build_memory_tables(model: VisionTransformer, top_k: int) -> list[dict[str, MemoryTable]]:
-    """One table per sub-layer for every block, in block order (index 0 = block 1)."""
-    class_embedding = model.head.weight
+def build_memory_tables(model: torch.nn.Module | ModelAdapter, top_k: int) -> list[dict[str, MemoryTable]]:
+    """One table per sub-layer for every block, in block order (index 0 = block 1).
+
+    The class embedding is the one the projection applies (distilled models: the mean head).
+    """
+    adapter = model if isinstance(model, ModelAdapter) else model_adapter(model)
     with torch.inference_mode():
+        class_embedding = adapter.class_embedding()[0]
         return [
-            {sublayer: build_memory_table(class_embedding, value_vectors(model, index, sublayer), top_k)
+            {sublayer: build_memory_table(class_embedding, adapter.value_vectors(index, sublayer), top_k)
              for sublayer in SUBLAYERS}
-            for index in range(1, len(model.blocks) + 1)
+            for index in range(1, adapter.anatomy.num_blocks + 1)
         ]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+
+from vitlens.lens.anatomy import model_adapter
 
 
 @dataclass
@@ -44,7 +45,7 @@ def reduce_logits(logits: torch.Tensor, class_index: torch.Tensor, top_k: int) -
 
 
 def correct_class_logit(
-    model: VisionTransformer, hidden: torch.Tensor, class_index: torch.Tensor
+    model: torch.nn.Module, hidden: torch.Tensor, class_index: torch.Tensor
 ) -> torch.Tensor:
     """Only the correct-class logit of `proj(hidden)`: a dot product with that class's head row.
 
@@ -52,9 +53,4 @@ def correct_class_logit(
 
     # hidden: [B, T, d], class_index: [B] -> [B, T]
     """
-    normed = model.fc_norm(model.norm(hidden))
-    weight = model.head.weight[class_index]  # [B, d]
-    logit = torch.einsum("btd,bd->bt", normed, weight)
-    if model.head.bias is not None:
-        logit = logit + model.head.bias[class_index][:, None]
-    return logit
+    return model_adapter(model).correct_class_logit(hidden, class_index)

@@ -21,7 +21,8 @@ from vitlens.data.reader import iter_shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
 from vitlens.explain.evaluate import explain_batch
 from vitlens.lens import Lens, token_keep_from_labels
-from vitlens.lens.memories import SUBLAYERS, value_vectors
+from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
+from vitlens.lens.memories import SUBLAYERS
 from vitlens.metrics.sublayers import class_value_agreement
 from vitlens.models.registry import load_variant
 from vitlens.runner.spec import JobSpec
@@ -38,8 +39,7 @@ from vitlens.store.explain_records import explain_table, perturbation_curves_tab
 from vitlens.store.records import images_table, tokens_table
 from vitlens.store.schema import schema_of, to_table
 
-#: The experiment that runs the explainability methods instead of the lens, and its tables.
-EXPLAIN_EXPERIMENT = "explain"
+#: The experiment that runs the explainability methods instead of the lens (EXPLAIN_EXPERIMENT), and its tables.
 EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
 LENS_TABLES: tuple[str, ...] = ("tokens", "images")
 
@@ -53,15 +53,11 @@ EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
 }
 
 
-def applicable_experiments(
-    experiments: tuple[str, ...], has_class_token: bool, pools_class_token: bool
-) -> tuple[str, ...]:
-    """The experiments that exist for a model: `attn_no_cls` needs a CLS token (GAP has none);
-    `explain` differentiates the projection of the CLS token that the head reads."""
-    return tuple(
-        e for e in experiments
-        if (has_class_token or e != "attn_no_cls") and (pools_class_token or e != EXPLAIN_EXPERIMENT)
-    )
+def applicable_experiments(experiments: tuple[str, ...], anatomy: ViTAnatomy) -> tuple[str, ...]:
+    """The experiments that exist for a model: its family adapter names those that do not
+    (`attn_no_cls` without a CLS token, `explain` unless the head reads the CLS token, the
+    attention experiments for XCiT, ...) in `anatomy.skipped`."""
+    return tuple(e for e in experiments if anatomy.skip_reason(e) is None)
 
 
 def tables_of(experiment: str) -> tuple[str, ...]:
@@ -84,8 +80,7 @@ class ShardProcessor:
         self.patch_size = self.lens.anatomy.token_cell  # the input pixels of one image token (hybrids: the stem's stride)
         self.has_class_token = self.lens.anatomy.has_class_token
         self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
-        pools_class_token = self.has_class_token and self.lens.anatomy.global_pool == "token"
-        self.experiments = applicable_experiments(job.experiments, self.has_class_token, pools_class_token)
+        self.experiments = applicable_experiments(job.experiments, self.lens.anatomy)
         self._write_params()
 
     def _write_params(self) -> None:
@@ -93,12 +88,13 @@ class ShardProcessor:
         path = table_file(self.job.output, "params", self.variant, NO_EXPERIMENT, "params")
         if path.is_file():
             return
-        head = self.model.head.weight.detach()
+        adapter = self.lens.adapter
         blocks, sublayers, classes, scores = [], [], [], []
         with torch.inference_mode():
-            for block in range(1, len(self.model.blocks) + 1):
+            head = adapter.class_embedding()[0].detach()
+            for block in range(1, self.lens.anatomy.num_blocks + 1):
                 for sublayer in SUBLAYERS:
-                    agreement = class_value_agreement(head, value_vectors(self.model, block, sublayer).detach())
+                    agreement = class_value_agreement(head, adapter.value_vectors(block, sublayer).detach())
                     blocks.append(torch.full_like(agreement, block, dtype=torch.int16))
                     sublayers += [sublayer] * agreement.numel()
                     classes.append(torch.arange(agreement.numel()))

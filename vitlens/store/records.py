@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from vitlens.data.token_labels import LABEL_NAMES, LABEL_PREFIX
-from vitlens.lens.output import STREAM_RESID, STREAMS, LensBatch
+from vitlens.lens.output import RANK_FILL, STREAM_RESID, STREAMS, LensBatch
 from vitlens.store.schema import TOKEN_KINDS, to_table
 
 _KIND_CLS, _KIND_PREFIX, _KIND_IMAGE = (TOKEN_KINDS.index(k) for k in ("cls", "prefix", "image"))
@@ -51,6 +51,9 @@ def tokens_table(
     slot_exists = torch.ones(num_slots, num_streams, dtype=torch.bool)
     slot_exists[0, [s for s in range(num_streams) if s != STREAM_RESID]] = False
     present = slot_exists[None, :, :, None] & batch.token_present[:, None, None, :]  # [B, L+1, 3, T]
+    # positions a block does not cover (CaiT / XCiT: the CLS token before the class-attention
+    # blocks, image tokens' sub-layers inside them) were never computed: they hold RANK_FILL
+    present &= batch.rank != RANK_FILL
     image_idx, block_idx, stream_idx, token_idx = (t.numpy() for t in torch.nonzero(present, as_tuple=True))
     flat = present.numpy()
 

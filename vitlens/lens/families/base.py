@@ -1,0 +1,218 @@
+"""`ModelAdapter`: one timm model family's anatomy behind the one interface the lens uses.
+
+The lens (`Lens`), the perturbations, explainability (`vitlens.explain`) and the shard job
+see a model only through its adapter: the embedded sequence, one `BlockTrace` per block,
+the pooling-aware projection onto class space (METHOD §1b), the model's own output, the
+value vectors of each sub-layer, and which experiments apply. Adding a family is one module
+in this package (a subclass registered in `vitlens/lens/families/__init__.py`) plus its
+tests; `docs/families.md` says what each family does.
+
+Conventions every adapter keeps (METHOD §1b):
+- `embed(images)` is the residual stream entering block 1 (the lens's block 0), laid out as
+  the sequence the head finally reads: `P` prefix tokens (CLS, distillation, registers)
+  then `N` image tokens, row-major over `anatomy.grid_size`. Families that insert the CLS
+  token late (CaiT, XCiT) return only the image tokens and say so with `first_token = 1`
+  in their traces until the class-attention blocks.
+- `block_forward` calls the model's own submodules in timm's order, so the last trace's
+  `resid_post` gives `model_logits(...) == model(x)`.
+- `project(h)` projects any token as if it were the whole sequence the head reads: the
+  model's own pooling on that token alone, then its norms and head, bias included.
+- `parity_logits(resid_final)` projects what the head really reads (CLS token, the mean of
+  the image tokens, the mean of the two distilled heads...) and must equal `model(x)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from vitlens.errors import UserError
+from vitlens.lens.anatomy import ViTAnatomy
+from vitlens.lens.attention import ProbsEdit
+from vitlens.lens.trace import BlockTrace
+
+SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
+
+
+class ModelAdapter(ABC):
+    """The lens's view of one timm model; construct with `vitlens.lens.families.adapter_for`."""
+
+    #: family name printed by `vitlens models check` and the coverage sweep
+    family: ClassVar[str] = ""
+    #: the timm model classes this adapter handles (exact classes or base classes)
+    model_classes: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        """Check `model` (raises `UserError` with a one-line reason if the family's rule
+        cannot hold for it) and describe it."""
+        self.model = model
+        head = getattr(model, "head", None)
+        if not isinstance(head, torch.nn.Linear):
+            raise UserError(
+                f"{type(model).__name__} has no linear classifier head (num_classes=0: a headless "
+                "model): give it a head checkpoint ([heads] in the job, --head FILE) or num_classes "
+                "for a random twin ([models.NAME] num_classes = ...)"
+            )
+        self.check()
+        self.anatomy = self.describe()
+
+    # ---- anatomy -------------------------------------------------------------------------
+    @abstractmethod
+    def check(self) -> None:
+        """Raise `UserError` naming what this adapter cannot analyse exactly."""
+
+    @abstractmethod
+    def describe(self) -> ViTAnatomy:
+        """The static facts of the checked model."""
+
+    # ---- forward -------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Residual stream entering block 1 (see the module notes for the layout).
+
+        # images: [B, 3, H, W] -> hidden: [B, T0, d]
+        """
+
+    @abstractmethod
+    def block_forward(
+        self,
+        index: int,
+        resid_pre: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        need_probs: bool = False,
+        key_keep: torch.Tensor | None = None,
+        probs_edit: ProbsEdit | None = None,
+    ) -> BlockTrace:
+        """Block `index` (1-based) on its input, exposing every stream.
+
+        `keep_mask` multiplies the post-softmax attention (METHOD §4), `key_keep` removes
+        tokens as keys, `probs_edit` rewrites the (post-mask) probabilities before they
+        weight the values (the explainability branch). Both masks are given over the full
+        sequence; a block that covers fewer positions slices them itself.
+
+        # resid_pre: [B, T', d], keep_mask: [T, T], key_keep: [B, T] bool -> BlockTrace
+        """
+
+    def iter_block_traces(
+        self,
+        hidden: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        need_probs: bool = False,
+        key_keep: torch.Tensor | None = None,
+    ) -> Iterator[BlockTrace]:
+        """Every block on the embedded sequence, one trace at a time, in order.
+
+        # hidden: [B, T0, d] (from `embed`) -> BlockTrace per block
+        """
+        for index in range(1, self.anatomy.num_blocks + 1):
+            trace = self.block_forward(index, hidden, keep_mask, need_probs, key_keep)
+            hidden = trace.resid_post
+            yield trace
+
+    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (no streams kept).
+
+        # hidden: [B, T0, d], key_keep: [B, T] bool -> resid_final: [B, T, d]
+        """
+        for trace in self.iter_block_traces(hidden, key_keep=key_keep):
+            hidden = trace.resid_post
+        return hidden
+
+    def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The model's output when only the prefix and the image tokens at sequence positions
+        `kept` remain (METHOD §4 token removal; generic: the others excluded as keys at full
+        length, which keeps rotary / relative position terms right).
+
+        # hidden: [B, T, d] (from `embed`), kept: [B, n] int64 positions -> logits: [B, C]
+        """
+        key_keep = torch.zeros(hidden.shape[0], self.anatomy.num_tokens, dtype=torch.bool, device=hidden.device)
+        key_keep[:, : self.anatomy.num_prefix_tokens] = True
+        key_keep.scatter_(1, kept, True)
+        return self.model_logits(self.run_blocks(hidden, key_keep), key_keep)
+
+    @abstractmethod
+    def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's own output from the last residual stream (with `key_keep`: the output
+        on the shortened sequence, e.g. average pooling over the kept image tokens only).
+
+        # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
+        """
+
+    # ---- projection ----------------------------------------------------------------------
+    @abstractmethod
+    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The per-token part of the head path before the linear head (norms, one-token pooling).
+
+        # hidden: [..., d] -> [..., d_head]
+        """
+
+    def class_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class embedding `E` and bias `e` the projection applies (METHOD §1).
+
+        # -> (E [C, d_head], e [C] | None)
+        """
+        return self.model.head.weight, self.model.head.bias
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`proj(h) = E · norm_final(h) + e`, bias included (METHOD §1, §1b).
+
+        # hidden: [..., d] -> logits: [..., C]
+        """
+        weight, bias = self.class_embedding()
+        return F.linear(self.norm_final(hidden), weight, bias)
+
+    def correct_class_logit(self, hidden: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+        """Only the correct-class logit of `project(hidden)`: one dot product per token.
+
+        # hidden: [B, T, d], class_index: [B] -> [B, T]
+        """
+        weight, bias = self.class_embedding()
+        logit = torch.einsum("btd,bd->bt", self.norm_final(hidden), weight[class_index])
+        if bias is not None:
+            logit = logit + bias[class_index][:, None]
+        return logit
+
+    @abstractmethod
+    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
+        """The projection of what the head really reads at the last block (METHOD §1b parity).
+
+        # resid_final: [B, T, d] -> logits: [B, C], equal to model(x)
+        """
+
+    # ---- explainability ------------------------------------------------------------------
+    def cls_branch(
+        self, index: int, trace: BlockTrace, cls_row: torch.Tensor, source: str
+    ) -> torch.Tensor:
+        """Block `index`'s CLS stream recomputed, with gradients, from the leaf `cls_row` — the
+        post-softmax attention the CLS query (query 0 of the block's sub-layer tokens) gives
+        every key (METHOD §6). Generic: the whole block again from its detached input, the CLS
+        row swapped for the leaf; adapters may override it with a CLS-only branch.
+
+        # cls_row: [B, H, T'] (leaf) -> x_cls: [B, d] (`source` "resid": block output; "attn":
+        #   the attention sub-layer's output)
+        """
+
+        def swap_cls_row(probs: torch.Tensor) -> torch.Tensor:
+            return torch.cat([cls_row[:, :, None, :], probs[:, :, 1:].detach()], dim=2)
+
+        branch = self.block_forward(index, trace.resid_pre.detach(), need_probs=True, probs_edit=swap_cls_row)
+        if source == "attn":
+            return branch.attn_out[:, 0]
+        return branch.resid_post[:, 0]
+
+    # ---- memories ------------------------------------------------------------------------
+    @abstractmethod
+    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
+        """Value vectors (columns) of sub-layer `sublayer` ("attn" / "mlp") of block `index`.
+
+        # -> values: [d, M]
+        """
+
+
+def check_sublayer(sublayer: str) -> None:
+    """Raise ValueError for a sub-layer name other than `SUBLAYERS`."""
+    if sublayer not in SUBLAYERS:
+        raise ValueError(f"unknown sub-layer {sublayer!r}: use one of {SUBLAYERS}")
