@@ -4,7 +4,8 @@ full graph; baselines match hand computations; GAP models are rejected."""
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from timm.layers import SwiGLU
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 
 from vitlens.errors import UserError
 from vitlens.explain.baselines import attention_rollout, chefer_relevancy, last_block_attention, random_importance
@@ -36,7 +37,11 @@ def per_block_autograd(model: VisionTransformer, images: torch.Tensor, labels: t
 
 
 @pytest.mark.parametrize("source", ["resid", "attn"])
-@pytest.mark.parametrize("overrides", [{}, {"reg_tokens": 2}, {"block_fn": ResPostBlock}], ids=["cls", "registers", "postnorm"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"reg_tokens": 2}, {"block_fn": ResPostBlock}, {"block_fn": ParallelScalingBlock}, {"mlp_layer": SwiGLU}],
+    ids=["cls", "registers", "postnorm", "parallel_generic_branch", "swiglu"],
+)
 def test_one_backward_equals_per_block_autograd(source: str, overrides: dict) -> None:
     model = tiny_vit(**overrides)
     images = torch.randn(3, 3, 32, 32)
