@@ -7,12 +7,12 @@
 --   variant, block (1..L), normalised_block (block / L), sublayer ('attn' | 'mlp'),
 --   token_kind ('cls' | 'image'), tokens, change_rate_pct
 WITH depth AS (
-    SELECT variant, max(block) AS depth FROM tokens WHERE stream = 'resid' GROUP BY variant
+    SELECT variant, max(block) AS depth FROM token_summary WHERE stream = 'resid' GROUP BY variant
 )
 SELECT t.variant, t.block, t.block / d.depth AS normalised_block, t.stream AS sublayer, t.token_kind,
-       count(*) AS tokens,
-       100 * avg((t.correct_logit > t.sublayer_input_correct_logit)::INT) AS change_rate_pct
-FROM tokens t JOIN depth d ON t.variant = d.variant
+       sum(t.tokens)::BIGINT AS tokens,
+       100 * sum(t.changed) / sum(t.tokens) AS change_rate_pct
+FROM token_summary t JOIN depth d ON t.variant = d.variant
 WHERE t.experiment = 'baseline' AND t.stream IN ('attn', 'mlp') AND t.token_kind IN ('cls', 'image')
 GROUP BY t.variant, t.block, d.depth, t.stream, t.token_kind
 ORDER BY t.variant, sublayer, t.token_kind, t.block

@@ -10,10 +10,9 @@
 --   random_images_with_id_token_pct       the same for the random-weights twin NAME@random (null if not run)
 --   random_top1_pct                       the twin's top-1 accuracy (null if not run)
 WITH depth AS (
-    SELECT variant, max(block) AS depth FROM tokens WHERE stream = 'resid' GROUP BY variant
-), per_image AS (
-    SELECT t.variant, t.image_key, max((t.identifiability_rank = 0)::INT) AS has_identifiable
-    FROM tokens t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
+    SELECT variant, max(block) AS depth FROM token_summary WHERE stream = 'resid' GROUP BY variant), per_image AS (
+    SELECT t.variant, t.image_key, (sum(t.identifiable) > 0)::INT AS has_identifiable
+    FROM token_summary t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
     WHERE t.experiment = 'baseline' AND t.stream = 'resid' AND t.token_kind = 'image'
     GROUP BY t.variant, t.image_key
 ), per_variant AS (

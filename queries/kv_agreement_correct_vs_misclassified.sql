@@ -9,9 +9,10 @@
 SELECT t.variant, t.block, t.stream AS sublayer,
        count(DISTINCT CASE WHEN i.correct THEN t.image_key END) AS correct_images,
        count(DISTINCT CASE WHEN NOT i.correct THEN t.image_key END) AS misclassified_images,
-       100 * avg(CASE WHEN i.correct THEN t.key_value_agreement::INT END) AS correct_pct,
-       100 * avg(CASE WHEN NOT i.correct THEN t.key_value_agreement::INT END) AS misclassified_pct
-FROM tokens t
+       100 * sum(CASE WHEN i.correct THEN t.kv_agree END) / sum(CASE WHEN i.correct THEN t.tokens END) AS correct_pct,
+       100 * sum(CASE WHEN NOT i.correct THEN t.kv_agree END) / sum(CASE WHEN NOT i.correct THEN t.tokens END)
+           AS misclassified_pct
+FROM token_summary t
 JOIN images i ON i.variant = t.variant AND i.experiment = t.experiment AND i.image_key = t.image_key
 WHERE t.experiment = 'baseline' AND t.stream IN ('attn', 'mlp') AND t.token_kind IN ('cls', 'image')
 GROUP BY t.variant, t.block, t.stream

@@ -8,13 +8,16 @@
 --   self_only_pct  the same with experiment 'attn_self_only' (null if not run)
 --   no_cls_pct     the same with experiment 'attn_no_cls' (null if not run, e.g. GAP models)
 WITH depth AS (
-    SELECT variant, max(block) AS depth FROM tokens WHERE stream = 'resid' GROUP BY variant
+    SELECT variant, max(block) AS depth FROM token_summary WHERE stream = 'resid' GROUP BY variant
 )
 SELECT t.variant,
-       100 * avg(CASE WHEN t.experiment = 'baseline' THEN (t.identifiability_rank = 0)::INT END) AS baseline_pct,
-       100 * avg(CASE WHEN t.experiment = 'attn_self_only' THEN (t.identifiability_rank = 0)::INT END) AS self_only_pct,
-       100 * avg(CASE WHEN t.experiment = 'attn_no_cls' THEN (t.identifiability_rank = 0)::INT END) AS no_cls_pct
-FROM tokens t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
+       100 * sum(CASE WHEN t.experiment = 'baseline' THEN t.identifiable END)
+           / sum(CASE WHEN t.experiment = 'baseline' THEN t.tokens END) AS baseline_pct,
+       100 * sum(CASE WHEN t.experiment = 'attn_self_only' THEN t.identifiable END)
+           / sum(CASE WHEN t.experiment = 'attn_self_only' THEN t.tokens END) AS self_only_pct,
+       100 * sum(CASE WHEN t.experiment = 'attn_no_cls' THEN t.identifiable END)
+           / sum(CASE WHEN t.experiment = 'attn_no_cls' THEN t.tokens END) AS no_cls_pct
+FROM token_summary t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
 WHERE t.stream = 'resid' AND t.token_kind = 'image'
   AND t.experiment IN ('baseline', 'attn_self_only', 'attn_no_cls')
 GROUP BY t.variant

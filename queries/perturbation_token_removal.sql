@@ -9,20 +9,21 @@
 --   remaining_tokens, removed_pct   the remaining tokens with the others removed
 --                                   (experiment 'remove_class_tokens' / 'remove_context_tokens')
 WITH depth AS (
-    SELECT variant, max(block) AS depth FROM tokens WHERE stream = 'resid' GROUP BY variant
-), removal(removed, experiment) AS (
+    SELECT variant, max(block) AS depth FROM token_summary WHERE stream = 'resid' GROUP BY variant), removal(removed, experiment) AS (
     VALUES ('class', 'remove_class_tokens'), ('context', 'remove_context_tokens')
 ), last_block AS (
-    SELECT t.* FROM tokens t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
+    SELECT t.* FROM token_summary t JOIN depth d ON t.variant = d.variant AND t.block = d.depth
     WHERE t.stream = 'resid' AND t.token_kind = 'image'
 )
 SELECT t.variant, r.removed,
-       count(CASE WHEN t.experiment = 'baseline' THEN 1 END) AS baseline_tokens,
-       100 * avg(CASE WHEN t.experiment = 'baseline' THEN (t.identifiability_rank = 0)::INT END) AS baseline_pct,
-       count(CASE WHEN t.experiment = r.experiment THEN 1 END) AS remaining_tokens,
-       100 * avg(CASE WHEN t.experiment = r.experiment THEN (t.identifiability_rank = 0)::INT END) AS removed_pct
+       coalesce(sum(CASE WHEN t.experiment = 'baseline' THEN t.tokens END), 0)::BIGINT AS baseline_tokens,
+       100 * sum(CASE WHEN t.experiment = 'baseline' THEN t.identifiable END)
+           / sum(CASE WHEN t.experiment = 'baseline' THEN t.tokens END) AS baseline_pct,
+       sum(CASE WHEN t.experiment = r.experiment THEN t.tokens END)::BIGINT AS remaining_tokens,
+       100 * sum(CASE WHEN t.experiment = r.experiment THEN t.identifiable END)
+           / sum(CASE WHEN t.experiment = r.experiment THEN t.tokens END) AS removed_pct
 FROM removal r
 JOIN last_block t ON (t.experiment = 'baseline' AND t.label <> r.removed) OR t.experiment = r.experiment
 GROUP BY t.variant, r.removed
-HAVING count(CASE WHEN t.experiment = r.experiment THEN 1 END) > 0
+HAVING sum(CASE WHEN t.experiment = r.experiment THEN t.tokens END) > 0
 ORDER BY t.variant, r.removed

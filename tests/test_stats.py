@@ -92,8 +92,8 @@ def test_report_permutation_tables():
     assert rows["m"]["misclassified_pct"] == pytest.approx(100 * 1 / 8)
     assert 0 < rows["m"]["p_value"] <= 1
     assert rows["r"]["correct_pct"] is None and rows["r"]["p_value"] is None
-    tokens = pa.table({"variant": ["m"] * 5, "label": ["class", "class", "context", "context", "context"],
-                       "identifiable": [1, 1, 0, 0, 1]})
-    (row,) = class_vs_context_tokens(tokens).to_pylist()
+    per_label = pa.table({"variant": ["m"] * 2, "label": ["class", "context"],  # tokens 1,1 and 0,0,1
+                          "identifiable": [2, 1], "tokens": [2, 3]})
+    (row,) = class_vs_context_tokens(per_label).to_pylist()
     assert (row["class_tokens"], row["context_tokens"]) == (2, 3)
     assert row["class_pct"] == pytest.approx(100.0) and row["context_pct"] == pytest.approx(100 / 3)

@@ -1,9 +1,16 @@
 """A DuckDB connection over a Parquet result set, with one view per table.
 
-Every query in `queries/` reads the views `tokens`, `images`, `params`, `runs`,
-`rejects`, `explain` and `perturbation_curves`; each has the table's columns (vitlens.store.schema) plus the hive partition
-columns `variant` and `experiment` taken from the folder names. A table without files
-(e.g. no rejects) is an empty view of the same columns, so every query runs on any result set.
+There is one view per table of `vitlens.store.schema.TABLES` (`tokens`, `token_summary`,
+`residual_match`, `images`, `params`, `runs`, `rejects`, `explain`, `perturbation_curves`);
+each has the table's columns plus the hive partition columns `variant` and `experiment`
+taken from the folder names. A table without files (e.g. no rejects) is an empty view of
+the same columns, so every query runs on any result set.
+
+The per-token queries read `token_summary` and `residual_match`, never `tokens`: a job with
+`detail = "summary"` stores those sums, a job with `detail = "tokens"` stores `tokens` rows
+and the two views compute the same sums from them (`DERIVED_VIEWS`), so every query gives the
+same numbers from either tier — and from a result set that mixes them (a (variant,
+experiment) with stored sums is never counted twice).
 """
 
 from __future__ import annotations
@@ -47,6 +54,48 @@ def view_sql(root: Path, table: str) -> str:
     )
 
 
+#: The summary tier's tables as sums over `tokens` rows: the same columns, in schema order.
+DERIVED_VIEWS: dict[str, str] = {
+    "token_summary": """
+        SELECT image_key, block, stream, token_kind, label,
+               count(*)::INTEGER AS tokens,
+               sum((identifiability_rank = 0)::INTEGER)::INTEGER AS identifiable,
+               sum(identifiability_rank)::BIGINT AS rank_sum,
+               sum((correct_logit > sublayer_input_correct_logit)::INTEGER)::INTEGER AS changed,
+               sum(key_value_agreement::INTEGER)::INTEGER AS kv_agree,
+               sum(non_compositional::INTEGER)::INTEGER AS non_compositional,
+               variant, experiment
+        FROM tokens
+        GROUP BY variant, experiment, image_key, block, stream, token_kind, label""",
+    "residual_match": """
+        WITH base AS (
+            SELECT variant, experiment, image_key, token, token_kind, label, block, stream,
+                   top5_class[1] AS top1
+            FROM tokens
+        )
+        SELECT r.image_key, r.block, r.token_kind, r.label,
+               count(*)::INTEGER AS tokens,
+               sum((r.top1 = a.top1)::INTEGER)::INTEGER AS attn_match,
+               sum((r.top1 = m.top1)::INTEGER)::INTEGER AS mlp_match,
+               sum((r.top1 = p.top1)::INTEGER)::INTEGER AS previous_match,
+               sum((r.top1 <> a.top1 AND r.top1 <> m.top1 AND r.top1 <> p.top1)::INTEGER)::INTEGER AS composite,
+               r.variant, r.experiment
+        FROM base r
+        JOIN base a ON a.variant = r.variant AND a.experiment = r.experiment AND a.image_key = r.image_key
+                   AND a.token = r.token AND a.block = r.block AND a.stream = 'attn'
+        JOIN base m ON m.variant = r.variant AND m.experiment = r.experiment AND m.image_key = r.image_key
+                   AND m.token = r.token AND m.block = r.block AND m.stream = 'mlp'
+        JOIN base p ON p.variant = r.variant AND p.experiment = r.experiment AND p.image_key = r.image_key
+                   AND p.token = r.token AND p.block = r.block - 1 AND p.stream = 'resid'
+        WHERE r.stream = 'resid' AND r.block >= 1
+        GROUP BY r.variant, r.experiment, r.image_key, r.block, r.token_kind, r.label""",
+}
+
+
+def _has_files(root: Path, table: str) -> bool:
+    return any((root / f"table={table}").glob("*/*/*.parquet"))
+
+
 def open_results(results_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table of `vitlens.store.schema.TABLES`.
 
@@ -57,9 +106,19 @@ def open_results(results_dir: str | Path) -> duckdb.DuckDBPyConnection:
         raise UserError(f"--results {root}: no table=... folder there (run a job into it first)")
     con = duckdb.connect()
     for table in TABLES:
-        if any((root / f"table={table}").glob("*/*/*.parquet")):
+        if _has_files(root, table):
             con.execute(view_sql(root, table))
         else:
             con.register(f"_empty_{table}", _empty_table(table))
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
+    if _has_files(root, "tokens"):
+        for table, derived in DERIVED_VIEWS.items():
+            con.execute(view_sql(root, table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
+                        if _has_files(root, table) else
+                        f"CREATE OR REPLACE VIEW _stored_{table} AS SELECT * FROM _empty_{table}")
+            con.execute(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _stored_{table} UNION ALL "
+                f"SELECT * FROM ({derived}) d WHERE NOT EXISTS (SELECT 1 FROM _stored_{table} s "
+                "WHERE s.variant = d.variant AND s.experiment = d.experiment)"
+            )
     return con

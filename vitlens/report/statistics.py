@@ -64,18 +64,23 @@ def kv_agreement_correct_vs_misclassified(per_image: pa.Table, n_permutations: i
                          "correct_pct", "misclassified_pct", "p_value"])
 
 
-def class_vs_context_tokens(per_token: pa.Table, n_permutations: int = DEFAULT_PERMUTATIONS) -> pa.Table:
+def class_vs_context_tokens(per_label: pa.Table, n_permutations: int = DEFAULT_PERMUTATIONS) -> pa.Table:
     """Permutation test (token labels shuffled) of class- vs context-labelled identifiability
     in the last block, per variant.
 
-    `per_token`: stats/class_context_last_block.sql. Columns out: variant, class_tokens,
-    context_tokens, class_pct, context_pct, p_value (null when one label has no tokens).
+    `per_label`: stats/class_context_last_block.sql (identifiable and total tokens per
+    variant × label; the tokens are expanded to 0/1 values, identifiable ones first, since a
+    permutation of labels over tokens depends only on these counts). Columns out: variant,
+    class_tokens, context_tokens, class_pct, context_pct, p_value (null when one label has
+    no tokens).
     """
     rows = []
-    frame = pl.from_arrow(per_token)
+    frame = pl.from_arrow(per_label)
     for (variant,), group in frame.group_by(["variant"], maintain_order=True):
-        is_class = (group["label"] == "class").to_numpy()
-        identifiable = group["identifiable"].to_numpy().astype(float)
+        counts = group.select("label", "identifiable", "tokens").rows()
+        is_class = np.concatenate([np.full(int(tokens), label == "class") for label, _, tokens in counts])
+        identifiable = np.concatenate([
+            (np.arange(int(tokens)) < int(hits)).astype(float) for _, hits, tokens in counts])
         ones = np.ones_like(identifiable)
         both = 0 < is_class.sum() < is_class.size
         rows.append({

@@ -5,6 +5,8 @@ Bump `SCHEMA_VERSION` on any change; it is stored in each file's metadata and in
 
 Tables (one row each of):
 - `tokens`:  image × block × stream × token (the lens output, reduced on the device)
+- `token_summary`, `residual_match`: the summary tier's sums per image × block × stream ×
+             token kind × label (`detail = "summary"`; see below)
 - `images`:  image (class, prediction, correctness, token counts)
 - `params`:  variant × block × sub-layer × class (class-value agreement, parameters only)
 - `rejects`: sample or shard that could not be processed, with the reason
@@ -23,7 +25,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -130,8 +132,50 @@ PERTURBATION_CURVES = pa.schema(
     ]
 )
 
+# The summary tier (`detail = "summary"`): the sums every paper table needs, per image ×
+# block × stream × token kind × label (vitlens.metrics.summary), instead of `tokens` rows.
+# The views `token_summary` / `residual_match` compute the same sums from `tokens` rows, so
+# every query gives the same numbers from either tier.
+TOKEN_SUMMARY = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # as in tokens
+        pa.field("stream", _dict, nullable=False),
+        pa.field("token_kind", _dict, nullable=False),
+        pa.field("label", _dict, nullable=False),
+        pa.field("tokens", pa.int32(), nullable=False),  # tokens in the group (> 0)
+        pa.field("identifiable", pa.int32(), nullable=False),  # rank 0
+        pa.field("rank_sum", pa.int64(), nullable=False),  # sum of identifiability ranks
+        pa.field("changed", pa.int32()),  # attn/mlp: correct logit > the sub-layer input's; null for resid
+        pa.field("kv_agree", pa.int32()),  # attn/mlp: key-value agreement; null for resid
+        pa.field("non_compositional", pa.int32()),  # attn/mlp; null for resid
+    ]
+)
+
+RESIDUAL_MATCH = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # 1..L
+        pa.field("token_kind", _dict, nullable=False),
+        pa.field("label", _dict, nullable=False),
+        pa.field("tokens", pa.int32(), nullable=False),  # tokens with resid_b, attn_b, mlp_b and resid_{b-1}
+        pa.field("attn_match", pa.int32(), nullable=False),  # top-1 of resid_b == top-1 of attn_b
+        pa.field("mlp_match", pa.int32(), nullable=False),
+        pa.field("previous_match", pa.int32(), nullable=False),  # == top-1 of resid_{b-1}
+        pa.field("composite", pa.int32(), nullable=False),  # matches none of the three
+    ]
+)
+
+#: Detail tiers of a job (`detail` in the job spec) and the per-token tables each writes.
+DETAIL_TIERS: dict[str, tuple[str, ...]] = {
+    "tokens": ("tokens",),
+    "summary": ("token_summary", "residual_match"),
+}
+
 TABLES: dict[str, pa.Schema] = {
     "tokens": TOKENS,
+    "token_summary": TOKEN_SUMMARY,
+    "residual_match": RESIDUAL_MATCH,
     "images": IMAGES,
     "params": PARAMS,
     "rejects": REJECTS,
@@ -161,7 +205,11 @@ def to_table(table: str, columns: Mapping[str, Any]) -> pa.Table:
     arrays = []
     for f in schema:
         value = columns[f.name]
-        if pa.types.is_dictionary(f.type):
+        if isinstance(value, pa.Array) and value.type == f.type:
+            arrays.append(value)  # built with the stored type already: no cast, no copy
+        elif isinstance(value, pa.DictionaryArray) and pa.types.is_dictionary(f.type):
+            arrays.append(value.cast(f.type))  # index width only; the strings are not expanded
+        elif pa.types.is_dictionary(f.type):
             arrays.append(pa.array(value, type=pa.string()).dictionary_encode().cast(f.type))
         elif pa.types.is_fixed_size_list(f.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
             flat = pa.array(value.reshape(-1), type=f.type.value_type)
