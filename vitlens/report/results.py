@@ -117,7 +117,7 @@ def open_results(results_dir: str | Path) -> duckdb.DuckDBPyConnection:
                         if _has_files(root, table) else
                         f"CREATE OR REPLACE VIEW _stored_{table} AS SELECT * FROM _empty_{table}")
             con.execute(
-                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _stored_{table} UNION ALL "
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _stored_{table} UNION ALL BY NAME "
                 f"SELECT * FROM ({derived}) d WHERE NOT EXISTS (SELECT 1 FROM _stored_{table} s "
                 "WHERE s.variant = d.variant AND s.experiment = d.experiment)"
             )
