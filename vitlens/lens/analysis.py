@@ -15,6 +15,7 @@ from vitlens.lens.families import ModelAdapter, adapter_for
 from vitlens.lens.memories import build_memory_tables, token_memory_flags
 from vitlens.lens.output import CLASS_FILL, RANK_FILL, STREAM_ATTN, STREAM_MLP, STREAM_RESID, LensBatch
 from vitlens.lens.perturb import AttentionPerturbation, attention_keep_mask
+from vitlens.lens.precision import Precision, check_precision, forward_precision, in_precision
 from vitlens.lens.reduce import LogitReduction, reduce_logits
 
 DEFAULT_TOP_K = 5
@@ -23,12 +24,15 @@ DEFAULT_TOP_K = 5
 class Lens:
     """The class-embedding-space lens over one timm model (checked once, memory tables cached)."""
 
-    def __init__(self, model: torch.nn.Module, top_k: int = DEFAULT_TOP_K) -> None:
+    def __init__(self, model: torch.nn.Module, top_k: int = DEFAULT_TOP_K, precision: Precision = "fp32") -> None:
         """Check `model` through its family adapter (raises `UserError` if unsupported) and
         precompute its memory tables.
 
+        `precision` is the forward's arithmetic (`vitlens.lens.precision`): "fp32", "tf32"
+        or "bf16"; every projection, rank and top-k is computed from fp32 logits.
         Move the model to its device first: the tables live where its parameters are.
         """
+        self.precision = check_precision(precision)
         self.model = model
         self.adapter: ModelAdapter = adapter_for(model)
         self.anatomy = self.adapter.anatomy
@@ -64,7 +68,8 @@ class Lens:
             )
         adapter = self.adapter
         with torch.inference_mode():
-            hidden = adapter.embed(images)
+            with forward_precision(self.precision, images.device):
+                hidden = adapter.embed(images)
             batch, num_tokens = hidden.shape[0], anatomy.num_tokens
             key_keep = None
             if token_keep is not None:
@@ -82,31 +87,32 @@ class Lens:
                 )
             self._write_stream(out, 0, STREAM_RESID, hidden, class_index, num_tokens - hidden.shape[1])
             resid_final = hidden
-            for trace in adapter.iter_block_traces(hidden, keep_mask, key_keep=key_keep):
+            for trace in in_precision(adapter.iter_block_traces(hidden, keep_mask, key_keep=key_keep),
+                                      self.precision, images.device):
                 block, start = trace.index, trace.first_token
                 self._write_stream(out, block, STREAM_RESID, trace.resid_post, class_index, num_tokens - trace.resid_post.shape[1])
                 covered = trace.attn_out.shape[1]  # the sub-layer tokens S
                 if start == 0 and trace.sublayer_tokens is None and trace.resid_pre.shape[1] == num_tokens:
                     attn_input_logit = out.correct_logit[:, block - 1, STREAM_RESID]
                 else:
-                    attn_input_logit = adapter.correct_class_logit(trace.resid_pre[:, :covered], class_index)
+                    attn_input_logit = adapter.correct_class_logit(trace.resid_pre[:, :covered].float(), class_index)
                 sublayers = (
                     (STREAM_ATTN, "attn", trace.attn_out, trace.attn_coefficients, attn_input_logit),
                     (STREAM_MLP, "mlp", trace.mlp_out, trace.mlp_coefficients,
-                     adapter.correct_class_logit(trace.resid_mid[:, :covered], class_index)),
+                     adapter.correct_class_logit(trace.resid_mid[:, :covered].float(), class_index)),
                 )
                 for stream, sublayer, output, coefficients, input_logit in sublayers:
                     reduction = self._write_stream(out, block, stream, output, class_index, start)
                     positions = slice(start, start + covered)
                     out.input_correct_logit[:, block, stream, positions] = input_logit
                     agreement, non_compositional = token_memory_flags(
-                        coefficients, self.memory_tables[block - 1][sublayer], class_index,
+                        coefficients.float(), self.memory_tables[block - 1][sublayer], class_index,
                         reduction.topk_class[..., 0], self.top_k,
                     )
                     out.key_value_agreement[:, block, stream, positions] = agreement
                     out.non_compositional[:, block, stream, positions] = non_compositional
                 resid_final = trace.resid_post
-            out.prediction = adapter.model_logits(resid_final, key_keep).argmax(dim=-1)
+            out.prediction = adapter.model_logits(resid_final.float(), key_keep).argmax(dim=-1)
             out.correct = out.prediction == class_index
             out.token_present.fill_(True)
             if key_keep is not None:
@@ -122,7 +128,7 @@ class Lens:
 
         # hidden: [B, T', d], class_index: [B] -> LogitReduction ([B, T'] fields)
         """
-        reduction = reduce_logits(self.adapter.project(hidden), class_index, self.top_k)
+        reduction = reduce_logits(self.adapter.project(hidden.float()), class_index, self.top_k)
         positions = slice(start, start + hidden.shape[1])
         out.rank[:, block, stream, positions] = reduction.rank
         out.correct_logit[:, block, stream, positions] = reduction.correct_logit
