@@ -140,10 +140,14 @@ def test_data_config_from_the_model_with_overrides() -> None:
     assert loaded.class_names == [f"class_{i}" for i in range(7)]
 
 
-def test_non_vit_timm_models_are_rejected() -> None:
+def test_models_without_a_lens_adapter_are_refused_by_the_lens() -> None:
+    """The registry builds any timm model; whether the lens analyses it is its adapter's call."""
     spec = VariantSpec("r", "resnet18", "test", "random", num_classes=3)
-    with pytest.raises(UserError, match="not a timm VisionTransformer"):
-        load_variant(spec)
+    model = load_variant(spec).model
+    with pytest.raises(UserError, match="the lens has no adapter for ResNet"):
+        describe_model(model)
+    with pytest.raises(UserError, match="the lens has no adapter for ResNet"):
+        Lens(model)
 
 
 def test_cli_models_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:

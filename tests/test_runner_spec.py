@@ -1,5 +1,6 @@
 """Job spec validation: good specs load, every mistake names the key or file."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -100,6 +101,67 @@ def test_variants_are_checked_before_any_actor_starts(tmp_path: Path) -> None:
         check_checkpoint_files(spec('["vit_cifar100"]', '[checkpoints]\nvit_cifar100 = "missing.pth"\n'))
     with pytest.raises(UserError, match="not in 'variants'"):
         spec('["vit_b32"]', '[checkpoints]\nvit_cifar100 = "x.pth"\n')
+    (no_adapter,) = variant_problems(spec('["resnet18@random"]'))
+    assert no_adapter.startswith("variant 'resnet18@random': the lens has no adapter for ResNet (supported")
+    headless = variant_problems(spec('["vit_small_patch14_dinov2@random"]'))
+    assert len(headless) == 1 and headless[0].startswith("variant 'vit_small_patch14_dinov2@random': ")
+    assert "headless" in headless[0]
+    fixed = '[models."vit_small_patch14_dinov2@random"]\nnum_classes = 10\nimg_size = 28\ndepth = 1\n'
+    assert variant_problems(spec('["vit_small_patch14_dinov2@random"]', fixed)) == []
+
+
+HEADS_AND_MODELS = GOOD + """
+[heads]
+a = "heads/a.pth"
+[models.a]
+img_size = 224
+[models."b@random"]
+num_classes = 1000
+img_size = 224
+dynamic_img_size = true
+act_layer = "gelu"
+drop_rate = 0.0
+"""
+
+
+def test_heads_and_models_tables_load(tmp_path: Path) -> None:
+    spec = load_job_spec(write(tmp_path, HEADS_AND_MODELS))
+    assert spec.heads == (("a", str((tmp_path / "heads/a.pth").resolve())),)
+    assert spec.head_for("a") == str((tmp_path / "heads/a.pth").resolve()) and spec.head_for("b@random") is None
+    assert spec.model_kwargs_for("b@random") == {
+        "num_classes": 1000, "img_size": 224, "dynamic_img_size": True, "act_layer": "gelu", "drop_rate": 0.0}
+    assert spec.model_kwargs_for("a") == {"img_size": 224} and load_job_spec(write(tmp_path, GOOD)).models == ()
+    in_code = JobSpec(name="t", output="o", variants=("a",), data=DataSpec(shards=("x.tar",)),
+                      models={"a": {"num_classes": 3}}, heads=[("a", "h.pth")])  # type: ignore[arg-type]
+    assert in_code.models == (("a", (("num_classes", 3),)),) and in_code.heads == (("a", "h.pth"),)
+    assert dataclasses.replace(in_code) == in_code  # the frozen form is accepted again as it is
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ('[heads]\nc = "h.pth"\n', "'heads.c' names a variant that is not in 'variants'"),
+    ("[models.c]\nnum_classes = 3\n", "'models.c' names a variant that is not in 'variants'"),
+    ("[models]\na = 3\n", "'models.a' must be a table of timm keyword arguments, not 3"),
+    ("[models.a]\nnum_classes = 0\n", "'models.a.num_classes' must be an integer >= 1, not 0"),
+    ("[models.a]\nimg_size = [224, 224]\n", "'models.a.img_size' must be a number, string or boolean"),
+    ("[models.a.norm]\neps = 1e-6\n", "'models.a.norm' must be a number, string or boolean"),
+    ("[models.a]\npretrained = true\n", "'models.a.pretrained' must be left out"),
+])
+def test_heads_and_models_mistakes_name_the_key(tmp_path: Path, extra: str, fragment: str) -> None:
+    path = write(tmp_path, GOOD + extra)
+    with pytest.raises(UserError) as caught:
+        load_job_spec(path)
+    assert str(caught.value).startswith(f"{path}: ") and fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_heads_and_models_built_in_code_are_checked() -> None:
+    data = DataSpec(shards=("x.tar",))
+    with pytest.raises(UserError, match=re.escape("job spec: 'models.a.num_classes' must be an integer >= 1, not 1.5")):
+        JobSpec(name="t", output="o", variants=("a",), data=data, models={"a": {"num_classes": 1.5}})
+    with pytest.raises(UserError, match=re.escape("job spec: 'heads.a' must be a non-empty string, not 3")):
+        JobSpec(name="t", output="o", variants=("a",), data=data, heads=(("a", 3),))  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="'models.b' names a variant that is not in 'variants'"):
+        JobSpec(name="t", output="o", variants=("a",), data=data, models={"b": {}})
 
 
 # Every key of every table: one bad value each, and the exact one-line message that names
@@ -152,6 +214,16 @@ BAD_VALUES = [
     # [checkpoints]
     ("checkpoints.a", "3", "a non-empty string"),
     ("checkpoints.a", '""', "a non-empty string"),
+    # [heads]
+    ("heads.a", "3", "a non-empty string"),
+    ("heads.a", '""', "a non-empty string"),
+    ("heads.a", '["h.pth"]', "a non-empty string"),
+    # [models.NAME]
+    ("models.a", "3", "a table of timm keyword arguments"),
+    ("models.a.num_classes", "0", "an integer >= 1"),
+    ("models.a.num_classes", '"10"', "an integer >= 1"),
+    ("models.a.num_classes", "true", "an integer >= 1"),
+    ("models.a.img_size", "[224, 224]", "a number, string or boolean (a timm keyword argument)"),
 ]
 
 
@@ -186,7 +258,7 @@ def test_every_key_is_type_and_range_checked(tmp_path: Path, key: str, value: st
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("table", ["data", "resources", "explain", "checkpoints"])
+@pytest.mark.parametrize("table", ["data", "resources", "explain", "checkpoints", "heads", "models"])
 def test_a_table_that_is_not_a_table_is_named(tmp_path: Path, table: str) -> None:
     text = GOOD.replace("[data]\n", "").replace("[resources]\n", "")
     text = text.replace('manifest = "shards/manifest.json"', "").replace('device = "cpu"', "")

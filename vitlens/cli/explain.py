@@ -36,7 +36,7 @@ def explain_command(args: argparse.Namespace) -> int:
         picture = Image.open(image_path).convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
         raise UserError(f"{image_path}: cannot read the image ({error})") from error
-    loaded = load_variant(args.variant)
+    loaded = load_variant(args.variant, head_path=args.head)
     model = loaded.model
     config = loaded.data_config
     transform = create_transform(input_size=config["input_size"], interpolation=config["interpolation"],
@@ -78,6 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Needs a CLS-token model.")
     parser.add_argument("image", help="an image file (any format Pillow reads)")
     parser.add_argument("--variant", required=True, help="a registered variant (see `vitlens models list`)")
+    parser.add_argument("--head", default=None, metavar="FILE",
+                        help="linear-head file (weight [C, d], bias [C]) for a headless variant")
     parser.add_argument("--class", dest="class_of_interest", default=None,
                         help="class of interest: index or name (default: the model's prediction)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None,

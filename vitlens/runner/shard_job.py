@@ -72,7 +72,8 @@ class ShardProcessor:
         self.variant = variant
         self.job = job
         self.device = torch.device(device)
-        loaded = load_variant(variant, device=self.device, checkpoint_path=job.checkpoint_for(variant))
+        loaded = load_variant(variant, device=self.device, checkpoint_path=job.checkpoint_for(variant),
+                              head_path=job.head_for(variant), model_kwargs=job.model_kwargs_for(variant))
         self.model = loaded.model
         self.class_names = loaded.class_names
         self.lens = Lens(self.model)

@@ -20,6 +20,13 @@ Example (`jobs/demo.toml`)::
     [checkpoints]            # local weight files for variants that need one
     vit_cifar100 = "/models/vit_b16_cifar100.pth"
 
+    [heads]                  # linear-head files (weight [C, d], bias [C]) for headless models
+    vit_small_patch14_dinov2 = "/models/dinov2_s14_in1k_head.pth"   # (each table names listed variants)
+
+    [models."vit_small_patch14_dinov2@random"]   # timm kwargs of one variant (scalars)
+    num_classes = 1000       # a headless model's random twin needs its classes
+    img_size = 224
+
     [resources]
     device = "auto"          # auto | cpu | cuda
     cpus_per_actor = 1
@@ -108,7 +115,8 @@ TEXTS = Key("a non-empty list of non-empty strings",
 FLAG = Key("true or false", lambda v: isinstance(v, bool))
 CURVE_POINTS = Key("0 (every kept count) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))
 
-#: Every key of every table: "" is the top level; [checkpoints] maps variants to files (`TEXT`).
+#: Every key of every table: "" is the top level; [checkpoints] and [heads] map variants to
+#: files (`TEXT`), [models.NAME] holds one variant's timm kwargs (`MODEL_KWARGS`).
 KEYS: dict[str, dict[str, Key]] = {
     "": {
         "name": TEXT,
@@ -128,10 +136,19 @@ KEYS: dict[str, dict[str, Key]] = {
     "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS},
 }
 CHECKPOINT_FILE = TEXT
+HEAD_FILE = TEXT
+#: [models.NAME]: any timm kwarg as a scalar; these few are checked further (or refused).
+MODEL_KWARG = Key("a number, string or boolean (a timm keyword argument)",
+                  lambda v: isinstance(v, (bool, int, float, str)))
+MODEL_KWARGS: dict[str, Key] = {
+    "num_classes": integer(1),
+    "pretrained": Key("left out: the variant's weights source (hub, checkpoint, @random) decides it",
+                      lambda v: False),
+}
 #: The tables of a job spec, each with the keys it allows (None: any key, here variants).
 TABLES: dict[str, set[str] | None] = {
     "data": set(KEYS["data"]), "resources": set(KEYS["resources"]), "explain": set(KEYS["explain"]),
-    "checkpoints": None,
+    "checkpoints": None, "heads": None, "models": None,
 }
 
 
@@ -211,10 +228,20 @@ class JobSpec:
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     explain: ExplainSpec = field(default_factory=ExplainSpec)
     checkpoints: tuple[tuple[str, str], ...] = ()  # (variant, local weight file) pairs
+    heads: tuple[tuple[str, str], ...] = ()  # (variant, linear-head file) pairs
+    models: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (variant, ((kwarg, value), ...))
 
     def checkpoint_for(self, variant: str) -> str | None:
         """The weight file the spec names for `variant` (its random twin never takes one)."""
         return dict(self.checkpoints).get(variant)
+
+    def head_for(self, variant: str) -> str | None:
+        """The linear-head file the spec names for `variant` ([heads]), or None."""
+        return dict(self.heads).get(variant)
+
+    def model_kwargs_for(self, variant: str) -> dict[str, Any]:
+        """The timm kwargs the spec gives `variant` ([models.NAME]; empty when none)."""
+        return dict(dict(self.models).get(variant, ()))
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
@@ -223,22 +250,45 @@ class JobSpec:
             if not isinstance(value, table):
                 raise UserError(f"{IN_CODE}: '{name}' must be a {table.__name__}, not {type(value).__name__}")
         object.__setattr__(self, "checkpoints", tuple(tuple(pair) for pair in self.checkpoints))
-        _check_relations(self.variants, self.experiments, dict(self.checkpoints), IN_CODE)
+        object.__setattr__(self, "heads", tuple(tuple(pair) for pair in self.heads))
+        models = dict(self.models)
+        _check_relations(self.variants, self.experiments, dict(self.checkpoints), IN_CODE,
+                         dict(self.heads), models)
+        object.__setattr__(self, "models", _frozen_models(models))
+
+
+def _frozen_models(models: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """[models] as sorted (variant, sorted (kwarg, value) pairs) tuples (hashable, JSON-able)."""
+    return tuple((variant, tuple(sorted(dict(kwargs).items()))) for variant, kwargs in sorted(models.items()))
 
 
 def _check_relations(variants: tuple[str, ...], experiments: tuple[str, ...], checkpoints: Mapping[str, Any],
-                     source: str) -> None:
-    """The checks that span keys: no variant twice, known experiments, checkpoint files
-    that are strings and belong to a listed variant."""
+                     source: str, heads: Mapping[str, Any] | None = None,
+                     models: Mapping[str, Any] | None = None) -> None:
+    """The checks that span keys: no variant twice, known experiments, checkpoint and head
+    files that are strings, [models.NAME] tables of scalar timm kwargs, each belonging to a
+    listed variant."""
     if len(set(variants)) != len(variants):
         raise UserError(f"{source}: 'variants' lists a variant twice")
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
         raise UserError(f"{source}: 'experiments' has unknown {unknown}; choose from {list(EXPERIMENTS)}")
-    for variant, file in checkpoints.items():
-        checked(CHECKPOINT_FILE, file, f"checkpoints.{variant}", source)
+    for table, files, key in (("checkpoints", checkpoints, CHECKPOINT_FILE), ("heads", heads or {}, HEAD_FILE)):
+        for variant, file in files.items():
+            checked(key, file, f"{table}.{variant}", source)
+            if variant not in variants:
+                raise UserError(f"{source}: '{table}.{variant}' names a variant that is not in 'variants'")
+    for variant, kwargs in (models or {}).items():
+        if isinstance(kwargs, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in kwargs):
+            kwargs = dict(kwargs)  # the frozen form, ((kwarg, value), ...), of a spec built in code
+        if not isinstance(kwargs, Mapping):
+            raise UserError(f"{source}: 'models.{variant}' must be a table of timm keyword arguments, "
+                            f"not {toml_value(kwargs)}")
         if variant not in variants:
-            raise UserError(f"{source}: 'checkpoints.{variant}' names a variant that is not in 'variants'")
+            raise UserError(f"{source}: 'models.{variant}' names a variant that is not in 'variants'")
+        for name, value in kwargs.items():
+            key = MODEL_KWARGS.get(name, MODEL_KWARG)
+            checked(key, value, f"models.{variant}.{name}", source)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
@@ -291,12 +341,16 @@ def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     if "shards" in data_raw:
         data_raw["shards"] = tuple(_resolve(base, s) for s in data_raw["shards"])
     ckpt_raw = _check_table(raw, "checkpoints", path)
+    heads_raw = _check_table(raw, "heads", path)
+    models_raw = _check_table(raw, "models", path)
     experiments = top.get("experiments", JobSpec.__dataclass_fields__["experiments"].default)
-    _check_relations(top["variants"], experiments, ckpt_raw, str(path))
+    _check_relations(top["variants"], experiments, ckpt_raw, str(path), heads_raw, models_raw)
     return JobSpec(
         **top,
         data=DataSpec(**data_raw),
         resources=ResourceSpec(**_check_table(raw, "resources", path)),
         explain=ExplainSpec(**_check_table(raw, "explain", path)),
         checkpoints=tuple((v, _resolve(base, f)) for v, f in sorted(ckpt_raw.items())),
+        heads=tuple((v, _resolve(base, f)) for v, f in sorted(heads_raw.items())),
+        models=_frozen_models(models_raw),
     )
