@@ -72,7 +72,8 @@ def check_output(output: str) -> None:
 
 
 def check_checkpoint_files(job: JobSpec) -> None:
-    """Every local weight file the spec names exists."""
-    for variant, checkpoint in job.checkpoints:
-        if is_local(checkpoint) and not local_path(checkpoint).is_file():
-            raise UserError(f"checkpoints.{variant}: {checkpoint} does not exist")
+    """Every local weight file the spec names ([checkpoints], [heads]) exists."""
+    for table, files in (("checkpoints", job.checkpoints), ("heads", job.heads)):
+        for variant, path in files:
+            if is_local(path) and not local_path(path).is_file():
+                raise UserError(f"{table}.{variant}: {path} does not exist")
