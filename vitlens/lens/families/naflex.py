@@ -1,0 +1,238 @@
+"""timm `NaFlexVit` on fixed-size image tensors (the path vitlens feeds it).
+
+NaFlexViT accepts variable-resolution patch dictionaries as well as `[B, 3, H, W]` images;
+the job's preprocessing resizes and crops every image to the model's input size, so the
+lens runs the tensor path exactly: `NaFlexEmbeds` (linear patch embedding on timm's own
+`batch_patchify`, or a conv stem; learned, factorised or no position embedding, resized to
+the grid as timm does; CLS and register tokens prepended, no position embedding on them),
+`norm_pre`, the blocks, `norm`, then `forward_head` (pooling, `fc_norm`, `head`).
+
+The token grid is fixed once: the model's native input size is `embeds.default_img_size`
+when the model was built from `img_size` alone, else timm's nominal input size (the
+`pretrained_cfg` `input_size` that `resolve_data_config` gives the job's preprocessing);
+`grid_size = input // patch_size`, `token_cell = patch_size`. An image of another size is
+refused in `embed` (NaFlexVit would run it, on a different grid than the lens describes).
+
+Covers: pre-norm `Block` and post-norm `ResPostBlock` (METHOD §1: sub-layer streams after
+the block's own post-norm) with timm `Attention` (qk-norm, inner `norm`) and `Mlp` /
+`GluMlp` / `SwiGLU`; layer scale; CLS (`token`), average, max, avgmax and attention (`map`)
+pooling, with or without the prefix tokens in the pool; `fc_norm`; register tokens; models
+without a final norm (C-RADIO). Token removal on the pooled models uses timm's own masked
+pooling (`forward_head(..., patch_valid=...)`).
+
+Refused with a reason: EVA blocks (`EvaBlock`, a NaFlexVit built from an EVA config or with
+rotary embeddings, gated / grouped-query attention or SwiGLU-by-config), other attention
+or block types, `global_pool=''` (the head reads every token separately: no pooled
+output), attention pooling with its own position embedding, and an input size that is not
+a whole number of patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from timm.layers import Attention
+from timm.models.naflexvit import NaFlexVit
+from timm.models.vision_transformer import Block, ResPostBlock
+
+from vitlens.errors import UserError
+from vitlens.lens.anatomy import ViTAnatomy
+from vitlens.lens.attention import ProbsEdit, attention_sublayer
+from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.families.vit import pool_tokens
+from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
+from vitlens.lens.trace import BlockTrace
+
+BLOCK_TYPES = (Block, ResPostBlock)
+POOLS = ("token", "avg", "max", "avgmax", "map")
+
+
+def native_input_size(model: NaFlexVit) -> tuple[int, int]:
+    """The (H, W) the lens analyses `model` at: `embeds.default_img_size` when the position
+    embedding grid was derived from `img_size`, else timm's nominal input size (what
+    `resolve_data_config`, and so the job's preprocessing, resizes to)."""
+    default = model.embeds.default_img_size
+    if default is not None:
+        return int(default[0]), int(default[1])
+    _, height, width = resolve_data_config({}, model=model)["input_size"]
+    return int(height), int(width)
+
+
+class NaFlexAdapter(ModelAdapter):
+    """`NaFlexVit` with timm `Block` / `ResPostBlock` blocks, on `[B, 3, H, W]` images."""
+
+    family = "naflex"
+    model_classes = (NaFlexVit,)
+
+    model: NaFlexVit
+
+    # ---- anatomy -------------------------------------------------------------------------
+    def check(self) -> None:
+        model = self.model
+        if model.global_pool not in POOLS:
+            raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {POOLS}): "
+                            "without pooling the head reads every token separately")
+        if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
+            raise UserError("attention pooling with its own position embedding: a one-token projection is not defined")
+        for index, block in enumerate(model.blocks, start=1):
+            where = f"block {index}"
+            if type(block) not in BLOCK_TYPES:
+                names = ", ".join(t.__name__ for t in BLOCK_TYPES)
+                raise UserError(f"{where}: unsupported NaFlexVit block {type(block).__name__} (supported: {names}; "
+                                "EVA-style NaFlexVit blocks with rotary / gated / grouped-query attention "
+                                "are not covered)")
+            if type(block.attn) is not Attention:
+                raise UserError(f"{where}: unsupported attention {type(block.attn).__name__} "
+                                "(differential or other attention: METHOD §4's perturbations are not defined for it)")
+            check_mlp(block.mlp, where)
+        if model.rope is not None:  # only EVA blocks read it; kept as a guard against new block types
+            raise UserError("rotary position embeddings (NaFlexVit rope_type): not covered by the naflex adapter")
+        self.input_size = native_input_size(model)
+        patch = model.embeds.patch_size
+        if any(size % step for size, step in zip(self.input_size, patch)):
+            raise UserError(f"input size {self.input_size} is not a whole number of {tuple(patch)} patches")
+
+    def describe(self) -> ViTAnatomy:
+        model = self.model
+        patch = tuple(int(p) for p in model.embeds.patch_size)
+        grid = tuple(int(g) for g in model.embeds.dynamic_feat_size(self.input_size))
+        return ViTAnatomy(
+            family=self.family,
+            num_blocks=len(model.blocks),
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            has_class_token=bool(model.has_class_token),
+            global_pool=model.global_pool,
+            embed_dim=int(model.embed_dim),
+            num_classes=int(model.num_classes),
+            mlp_width=int(self.value_vectors(1, "mlp").shape[1]) if len(model.blocks) else 0,
+            grid_size=(grid[0], grid[1]),
+            token_cell=(patch[0], patch[1]),
+            post_norm=any(isinstance(block, ResPostBlock) for block in model.blocks),
+            skipped=self._skipped(),
+        )
+
+    def _skipped(self) -> tuple[tuple[str, str], ...]:
+        model, skipped = self.model, []
+        if not model.has_class_token:
+            skipped.append(("attn_no_cls", "the model has no CLS token"))
+        if not (model.has_class_token and model.global_pool == "token"):
+            skipped.append(("explain", f"explainability differentiates the CLS token the head reads; "
+                                       f"this model pools with global_pool={model.global_pool!r}"))
+        return tuple(skipped)
+
+    # ---- forward -------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's own `_forward_embeds` on the image tensor: patches (+ learned / factorised
+        position embedding on the grid), then CLS / registers prepended, `norm_pre`.
+
+        # images: [B, 3, H, W] -> hidden: [B, P+N, d]
+        """
+        if tuple(images.shape[-2:]) != self.input_size:
+            height, width = self.input_size
+            raise UserError(f"images are {tuple(images.shape[-2:])}, but the lens describes this NaFlexVit "
+                            f"at its input size ({height}, {width}): resize the images to it")
+        return self.model._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)["patches"]
+
+    def block_forward(
+        self,
+        index: int,
+        resid_pre: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        need_probs: bool = False,
+        key_keep: torch.Tensor | None = None,
+        probs_edit: ProbsEdit | None = None,
+    ) -> BlockTrace:
+        """`Block.forward` / `ResPostBlock.forward` in timm's order, every stream exposed.
+
+        # resid_pre: [B, T, d] -> BlockTrace
+        """
+        block = self.model.blocks[index - 1]
+        post_norm = isinstance(block, ResPostBlock)
+        attn_input = resid_pre if post_norm else block.norm1(resid_pre)  # [B, T, d]
+        attention = attention_sublayer(block.attn, attn_input, keep_mask, need_probs, key_keep, probs_edit)
+        attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)  # [B, T, d]
+        resid_mid = resid_pre + block.drop_path1(attn_out)
+        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
+        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)  # [B, T, d]
+        resid_post = resid_mid + block.drop_path2(mlp_out)
+        return BlockTrace(
+            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
+            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
+            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
+        )
+
+    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's own blocks (no streams kept; token removal as key masking).
+
+        # hidden: [B, T, d], key_keep: [B, T] bool -> resid_final: [B, T, d]
+        """
+        if key_keep is None:
+            return self.model.blocks(hidden)
+        return super().run_blocks(hidden, key_keep)
+
+    def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The position embedding is absolute and already in `hidden` (the tensor path has no
+        rotary term), so the kept tokens are gathered into a shorter sequence (prefix + n, in
+        sequence order) and run through timm's own blocks and head.
+
+        # hidden: [B, T, d], kept: [B, n] sorted positions -> logits: [B, C]
+        """
+        prefix = self.anatomy.num_prefix_tokens
+        image_tokens = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, n, d]
+        sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
+        return self.model_logits(self.model.blocks(sequence))
+
+    def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward_head(norm(x))` as timm does; with `key_keep`, timm's own masked pooling
+        (`patch_valid` = the kept image tokens; CLS pooling reads the CLS token either way).
+
+        # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
+        """
+        model = self.model
+        patch_valid = None if key_keep is None else key_keep[:, model.num_prefix_tokens:]  # [B, N]
+        return model.forward_head(model.norm(resid_final), patch_valid=patch_valid)
+
+    # ---- projection ----------------------------------------------------------------------
+    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`fc_norm(pool(norm(h)))` of the token alone: the mean / max of one token is the token;
+        attention pooling (`map`) runs on the one-token sequence.
+
+        # hidden: [..., d] -> [..., d]
+        """
+        model = self.model
+        normed = model.norm(hidden)
+        if model.attn_pool is not None:
+            shape = normed.shape
+            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)  # [n, 1, d] -> [n, d]
+        return model.fc_norm(normed)
+
+    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
+        """CLS: the CLS token's projection; average pooling without a norm before pooling: the
+        projection of the mean; with the norm before pooling: the mean of the tokens'
+        projections (the head is linear); max / avgmax / attention pooling: the pooled token
+        through `fc_norm` and the head.
+
+        # resid_final: [B, T, d] -> logits: [B, C]
+        """
+        model = self.model
+        if model.global_pool == "token":
+            return self.project(resid_final[:, 0])
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        tokens = resid_final[:, start:]  # [B, N(+P), d]
+        if model.attn_pool is None and model.global_pool == "avg":
+            if isinstance(model.norm, torch.nn.Identity):
+                return self.project(tokens.mean(dim=1))
+            if isinstance(model.fc_norm, torch.nn.Identity):
+                return self.project(tokens).mean(dim=1)
+        normed = model.norm(tokens)
+        pooled = model.attn_pool(normed) if model.attn_pool is not None else pool_tokens(normed, model.global_pool)
+        weight, bias = self.class_embedding()
+        return F.linear(model.fc_norm(pooled), weight, bias)
+
+    # ---- memories ------------------------------------------------------------------------
+    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
+        """attn: the output projection's columns; mlp: `fc2`'s columns. # -> values: [d, M]"""
+        check_sublayer(sublayer)
+        block = self.model.blocks[index - 1]
+        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
