@@ -178,3 +178,16 @@ def test_refusals_are_one_line_and_name_the_reason() -> None:
         adapter_for(torch.nn.Sequential())
     with torch.device("meta"):
         assert adapter_for(tiny_vit(block_fn=Block)).anatomy.family == "vit"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_pooling_over_kept_tokens_equals_the_shortened_sequence(fused: bool) -> None:
+    model = tiny_vit(class_token=False, global_pool="map")
+    model.attn_pool.fused_attn = fused
+    adapter = adapter_for(model)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[:, 5:] = False
+    with torch.inference_mode():
+        final = adapter.run_blocks(adapter.embed(torch.randn(2, 3, 32, 32)), keep)
+        expected = model.head(model.fc_norm(model.attn_pool(model.norm(final)[:, :5])))
+        torch.testing.assert_close(adapter.model_logits(final, keep), expected, atol=1e-5, rtol=1e-5)

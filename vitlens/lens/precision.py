@@ -14,9 +14,9 @@ from typing import Iterator, Literal, TypeVar
 import torch
 
 from vitlens.errors import UserError
+from vitlens.settings import PRECISIONS
 
-Precision = Literal["fp32", "tf32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+Precision = Literal["fp32", "tf32", "bf16"]  # = vitlens.settings.PRECISIONS
 T = TypeVar("T")
 
 

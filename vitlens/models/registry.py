@@ -29,6 +29,7 @@ import torch
 from timm.data import resolve_data_config
 
 from vitlens.errors import UserError
+from vitlens.lens.families import adapter_for
 from vitlens.models import zoo
 from vitlens.models.class_names import class_names_for
 from vitlens.models.weights import (
@@ -264,6 +265,11 @@ def _data_config(spec: VariantSpec, model: torch.nn.Module) -> dict[str, Any]:
     # the pretrained config keeps its own size when model_kwargs change img_size: trust the model
     # (channels from timm's config: a hybrid's patch_embed.proj reads the CNN stem's features)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    try:  # the family adapter knows the input its token grid covers (NaFlexViT has no patch_embed)
+        anatomy = adapter_for(model).anatomy
+        img_size = tuple(g * c for g, c in zip(anatomy.grid_size, anatomy.token_cell))
+    except UserError:
+        pass  # an unsupported model: the lens refuses it with its reason later
     if img_size is not None:
         config["input_size"] = (int(config["input_size"][0]), *(int(i) for i in img_size))
     if spec.timm_name is None:

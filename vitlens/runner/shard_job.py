@@ -1,11 +1,20 @@
 """Analyse one shard with one loaded variant under every experiment of a job (no Ray here).
 
-`ShardProcessor` reads the shard once; each batch goes through every experiment's lens
-run (or, for `explain`, `vitlens.explain.evaluate.explain_batch`), the results become
-`tokens`/`images` (or `explain`/`perturbation_curves`) rows (vitlens.store.records,
-vitlens.store.explain_records) streamed into staged files, and only when every file of
-the shard is complete are they renamed into place and the done-marker written. A crash
-at any point leaves no partial file behind.
+`ShardProcessor` reads the shard once, as an overlapped pipeline:
+
+    decode workers (DataLoader processes)  ->  device step (this thread)  ->  background writer
+    JPEG/PNG decode, resize, token labels      every experiment's lens run     rows + Parquet
+
+The shard's samples are decoded `resources.workers` processes ahead (`vitlens.data.loader`,
+pinned memory and non-blocking copies on CUDA); each batch goes through every experiment's
+lens run (or, for `explain`, `vitlens.explain.evaluate.explain_batch`); the results become
+rows of the job's detail tier — `tokens` (or `token_summary` / `residual_match`) and
+`images`, or `explain` / `perturbation_curves` (vitlens.store.records,
+vitlens.store.explain_records) — built and streamed into staged files by one background
+thread (`vitlens.store.background`) in batch order, so the device never waits for Parquet.
+Only when every file of the shard is complete are they renamed into place and the
+done-marker written. A crash at any point (a decode worker, the device step, the writer)
+leaves no partial file behind.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from vitlens.data.geometry import EvalGeometry
-from vitlens.data.reader import iter_shard_batches
+from vitlens.data.loader import shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
 from vitlens.explain.evaluate import explain_batch
 from vitlens.lens import Lens, token_keep_from_labels
@@ -26,6 +35,7 @@ from vitlens.lens.memories import SUBLAYERS
 from vitlens.metrics.sublayers import class_value_agreement
 from vitlens.models.registry import load_variant
 from vitlens.runner.spec import JobSpec
+from vitlens.store.background import BackgroundWriter
 from vitlens.store.layout import (
     NO_EXPERIMENT,
     StagedParquetWriter,
@@ -36,12 +46,11 @@ from vitlens.store.layout import (
     write_parquet_atomic,
 )
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
-from vitlens.store.records import images_table, tokens_table
-from vitlens.store.schema import schema_of, to_table
+from vitlens.store.records import images_table, summary_tables, tokens_table
+from vitlens.store.schema import DETAIL_TIERS, schema_of, to_table
 
 #: The experiment that runs the explainability methods instead of the lens (EXPLAIN_EXPERIMENT), and its tables.
 EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
-LENS_TABLES: tuple[str, ...] = ("tokens", "images")
 
 #: lens experiment -> (attention perturbation, label of the image tokens to remove)
 EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
@@ -60,9 +69,9 @@ def applicable_experiments(experiments: tuple[str, ...], anatomy: ViTAnatomy) ->
     return tuple(e for e in experiments if anatomy.skip_reason(e) is None)
 
 
-def tables_of(experiment: str) -> tuple[str, ...]:
-    """The tables an experiment writes."""
-    return EXPLAIN_TABLES if experiment == EXPLAIN_EXPERIMENT else LENS_TABLES
+def tables_of(experiment: str, detail: str = "tokens") -> tuple[str, ...]:
+    """The tables an experiment writes in a job of `detail` tier."""
+    return EXPLAIN_TABLES if experiment == EXPLAIN_EXPERIMENT else DETAIL_TIERS[detail] + ("images",)
 
 
 class ShardProcessor:
@@ -76,7 +85,7 @@ class ShardProcessor:
                               head_path=job.head_for(variant), model_kwargs=job.model_kwargs_for(variant))
         self.model = loaded.model
         self.class_names = loaded.class_names
-        self.lens = Lens(self.model)
+        self.lens = Lens(self.model, precision=job.resources.precision)
         self.geometry = EvalGeometry.from_data_config(loaded.data_config)
         self.patch_size = self.lens.anatomy.token_cell  # the input pixels of one image token (hybrids: the stem's stride)
         self.has_class_token = self.lens.anatomy.has_class_token
@@ -135,28 +144,34 @@ class ShardProcessor:
             raise ValueError(f"experiments {unknown} are not in job {self.job.name!r}")
         run = [e for e in self.experiments if e in requested]
         rejects: list[tuple[str, str]] = []
+        detail = self.job.detail
         writers = {
             (table, experiment): StagedParquetWriter(
                 table_file(self.job.output, table, self.variant, experiment, stem), schema_of(table)
             )
             for experiment in run
-            for table in tables_of(experiment)
+            for table in tables_of(experiment, detail)
         }
         images = 0
+        clock = DeviceClock(self.device)
+        background = BackgroundWriter(depth=4)
         try:
-            batches = iter_shard_batches(
+            batches = shard_batches(
                 shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
                 on_reject=lambda shard, key, reason: rejects.append((key, reason)),
                 expected_samples=expected_samples, expected_sha256=expected_sha256,
+                workers=self.job.resources.workers, pin_memory=self.device.type == "cuda",
             )
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
                 for experiment in run:
-                    rows = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else self._analyse(batch, experiment, stem)
-                    for table, table_rows in zip(tables_of(experiment), rows):
-                        writers[table, experiment].write(table_rows)
+                    with clock:
+                        result = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else \
+                            self._analyse(batch, experiment)
+                    background.submit(self._row_writer(writers, experiment, batch, result, stem))
                 if on_batch is not None:
                     on_batch(batch_index)
+            background.close()
             reject_rows = to_table("rejects", {
                 "shard": [stem] * len(rejects),
                 "image_key": [key for key, _ in rejects],
@@ -165,46 +180,108 @@ class ShardProcessor:
             })
             write_parquet_atomic(reject_rows, table_file(self.job.output, "rejects", self.variant, NO_EXPERIMENT, stem))
         except BaseException:
+            try:
+                background.close()
+            except BaseException:
+                pass  # the first error is the one raised
             for writer in writers.values():
                 writer.abort()
             raise
         for writer in writers.values():
             writer.commit()
-        rows = sum(w.rows for (table, _), w in writers.items() if table in ("tokens", "explain"))
+        rows = sum(w.rows for (table, _), w in writers.items() if table in ("tokens", "token_summary", "explain"))
         # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
         done = sorted(done_experiments(self.job.output, self.variant, stem, expected_sha256) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
             "rejects": len(rejects), "seconds": time.perf_counter() - started, "experiments": done,
             "sha256": expected_sha256,  # verified in the read; a later run redoes the shard if it changes
+            "device_seconds": clock.seconds,  # the device step alone (CUDA events on a GPU)
+            "peak_device_bytes": clock.peak_bytes(),
         }
         write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
         return stats
 
-    def _analyse(self, batch: Any, experiment: str, shard_id: str) -> tuple[Any, Any]:
-        """Run one experiment on one batch and turn it into (tokens, images) rows."""
+    def _analyse(self, batch: Any, experiment: str) -> Any:
+        """The device step of one lens experiment on one batch: its `LensBatch` (on the device)."""
         perturbation, drop_label = EXPERIMENT_SETTINGS[experiment]
         token_keep = None
         if drop_label is not None:
             token_keep = token_keep_from_labels(batch.token_label, drop_label, self.num_prefix_tokens)
         images = batch.images.to(self.device, non_blocking=True)
-        result = self.lens.run(images, batch.class_index, attention_perturbation=perturbation, token_keep=token_keep)
-        names = [self.class_names[i] if 0 <= i < len(self.class_names) else None for i in batch.class_index.tolist()]
-        return (
-            tokens_table(result, batch.keys, batch.fg_fraction, batch.token_label, self.has_class_token),
-            images_table(result, batch.keys, shard_id, names, batch.token_label),
-        )
+        return self.lens.run(images, batch.class_index, attention_perturbation=perturbation, token_keep=token_keep)
 
-
-    def _explain(self, batch: Any) -> tuple[Any, Any]:
-        """Run the explainability methods and deletion tests on one batch: (explain, curves) rows."""
+    def _explain(self, batch: Any) -> Any:
+        """The device step of `explain` on one batch: every method and deletion test."""
         settings = self.job.explain
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.class_index.to(self.device)
         seed = zlib.crc32("\n".join(batch.keys).encode())  # the random baseline, stable per batch
-        result = explain_batch(self.model, images, labels, settings.target, settings.source,
-                               settings.curve_points, seed)
-        return (
-            explain_table(result, batch.keys, batch.token_label, batch.fg_fraction, self.num_prefix_tokens),
-            perturbation_curves_table(result, batch.keys),
-        )
+        return explain_batch(self.model, images, labels, settings.target, settings.source, settings.curve_points, seed)
+
+    def _row_writer(
+        self, writers: dict[tuple[str, str], StagedParquetWriter], experiment: str, batch: Any, result: Any, stem: str
+    ) -> Callable[[], None]:
+        """The background task that turns one device result into its tables' rows and writes them."""
+
+        def write() -> None:
+            if experiment == EXPLAIN_EXPERIMENT:
+                tables = {
+                    "explain": explain_table(result, batch.keys, batch.token_label, batch.fg_fraction,
+                                             self.num_prefix_tokens),
+                    "perturbation_curves": perturbation_curves_table(result, batch.keys),
+                }
+            else:
+                names = [self.class_names[i] if 0 <= i < len(self.class_names) else None
+                         for i in batch.class_index.tolist()]
+                tables = {"images": images_table(result, batch.keys, stem, names, batch.token_label)}
+                if self.job.detail == "summary":
+                    tables["token_summary"], tables["residual_match"] = summary_tables(
+                        result, batch.keys, batch.token_label, self.has_class_token)
+                else:
+                    tables["tokens"] = tokens_table(result, batch.keys, batch.fg_fraction, batch.token_label,
+                                                    self.has_class_token)
+            for table, rows in tables.items():
+                writers[table, experiment].write(rows)
+
+        return write
+
+
+class DeviceClock:
+    """Time spent in the device step (`with clock:`): CUDA events on a GPU (read once, at the
+    end of the shard, so timing never synchronises the pipeline), wall time on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cpu_seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
+        self._started = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def __enter__(self) -> "DeviceClock":
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, torch.cuda.Event(enable_timing=True)))
+        else:
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self._events[-1][1].record()
+        else:
+            self._cpu_seconds += time.perf_counter() - self._started
+
+    @property
+    def seconds(self) -> float:
+        """Total device-step seconds so far."""
+        if self.device.type != "cuda":
+            return self._cpu_seconds
+        torch.cuda.synchronize(self.device)
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000
+
+    def peak_bytes(self) -> int:
+        """Peak device memory allocated during the shard (0 on the CPU)."""
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else 0

@@ -9,6 +9,7 @@ Example (`jobs/demo.toml`)::
     name = "demo"
     output = "demo-out/results"        # relative paths resolve against the spec's folder
     batch_size = 32
+    detail = "tokens"                  # tokens: a row per token | summary: only the sums the paper's tables need
     variants = ["shapes_vit_p16", "shapes_vit_p16@random"]
     experiments = ["baseline", "attn_self_only", "attn_no_cls",
                    "remove_class_tokens", "remove_context_tokens"]
@@ -33,6 +34,8 @@ Example (`jobs/demo.toml`)::
     max_actors = 2           # CPU actors when no GPU; with GPUs: one actor per (variant, GPU)
     max_task_retries = 2     # retries of a shard whose analysis failed or whose actor died
     max_actor_restarts = 2   # passed to Ray; the driver also replaces a dead actor itself
+    precision = "fp32"       # the forward: fp32 | tf32 | bf16 (ranks and top-k from fp32 logits)
+    decode_workers = 2       # DataLoader decode processes per actor (default: cpus_per_actor - 1)
 
     [explain]                # settings of the "explain" experiment (paper §7), all optional
     target = "true"          # class of interest: true | predicted
@@ -54,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from vitlens.errors import UserError
+from vitlens.settings import DETAILS, PRECISIONS
 from vitlens.toml_files import read_toml, toml_value
 
 #: Every experiment a job can run; "baseline" is the unperturbed model.
@@ -124,6 +128,7 @@ KEYS: dict[str, dict[str, Key]] = {
         "variants": TEXTS,
         "experiments": TEXTS,
         "batch_size": integer(1),
+        "detail": one_of(DETAILS),
     },
     "data": {"manifest": TEXT, "shards": TEXTS, "verify": FLAG},
     "resources": {
@@ -132,6 +137,8 @@ KEYS: dict[str, dict[str, Key]] = {
         "max_actors": integer(1),
         "max_task_retries": integer(0),
         "max_actor_restarts": integer(0),
+        "precision": one_of(PRECISIONS),
+        "decode_workers": integer(0),
     },
     "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS},
 }
@@ -198,9 +205,16 @@ class ResourceSpec:
     max_actors: int = 2
     max_task_retries: int = 2
     max_actor_restarts: int = 2
+    precision: str = "fp32"  # the forward's arithmetic: fp32 | tf32 | bf16 (ranks from fp32 logits)
+    decode_workers: int = -1  # DataLoader decode processes per actor; -1: cpus_per_actor - 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "resources")
+
+    @property
+    def workers(self) -> int:
+        """The decode workers an actor starts: `decode_workers`, or one per CPU beyond the first."""
+        return self.decode_workers if self.decode_workers >= 0 else max(0, int(self.cpus_per_actor) - 1)
 
 
 @dataclass(frozen=True)
@@ -225,6 +239,7 @@ class JobSpec:
     data: DataSpec
     experiments: tuple[str, ...] = ("baseline",)
     batch_size: int = 32
+    detail: str = "tokens"  # tokens: every token's row | summary: the sums every paper table needs
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     explain: ExplainSpec = field(default_factory=ExplainSpec)
     checkpoints: tuple[tuple[str, str], ...] = ()  # (variant, local weight file) pairs

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from vitlens.settings import DETAILS
+
 SCHEMA_VERSION = 4
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
@@ -166,11 +168,9 @@ RESIDUAL_MATCH = pa.schema(
     ]
 )
 
-#: Detail tiers of a job (`detail` in the job spec) and the per-token tables each writes.
-DETAIL_TIERS: dict[str, tuple[str, ...]] = {
-    "tokens": ("tokens",),
-    "summary": ("token_summary", "residual_match"),
-}
+#: Detail tiers of a job (`detail` in the job spec, vitlens.settings.DETAILS) and the
+#: per-token tables each writes.
+DETAIL_TIERS: dict[str, tuple[str, ...]] = dict(zip(DETAILS, (("tokens",), ("token_summary", "residual_match"))))
 
 TABLES: dict[str, pa.Schema] = {
     "tokens": TOKENS,

@@ -200,8 +200,9 @@ class ViTAdapter(ModelAdapter):
             return model.forward_head(hidden)
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         tokens, keep = hidden[:, start:], key_keep[:, start:]
-        if model.attn_pool is not None:
-            pooled = model.attn_pool(tokens, attn_mask=keep[:, None, None, :])
+        if model.attn_pool is not None:  # an additive mask: right for timm's fused and unfused paths
+            additive = torch.zeros(keep.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~keep, float("-inf"))
+            pooled = model.attn_pool(tokens, attn_mask=additive[:, None, None, :])
         else:
             pooled = pool_tokens(tokens, model.global_pool, keep)
         return model.head(model.head_drop(model.fc_norm(pooled)))
