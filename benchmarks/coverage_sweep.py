@@ -8,6 +8,8 @@ crash / too large, then the refusal reasons with their counts.
 
     .venv/bin/python benchmarks/coverage_sweep.py --only deit_tiny        # a few models
     .venv/bin/python benchmarks/coverage_sweep.py --jobs 2 --out coverage.csv   # all (> 1 h on 2 cores)
+    .venv/bin/python benchmarks/coverage_sweep.py --modules eva --out eva.csv    # one timm module
+    .venv/bin/python benchmarks/coverage_sweep.py --summarise coverage.csv eva.csv  # counts of CSVs
 """
 
 from __future__ import annotations
@@ -62,9 +64,31 @@ def _crash(name: str, reason: str) -> CoverageRow:
                        status="crash", reason=reason)
 
 
-def reason_kind(row: CoverageRow) -> str:
+def reason_kind(row: dict[str, str]) -> str:
     """A reason with the model's own name taken out, for counting."""
-    return row.reason.replace(f"{row.name}@random", "NAME").replace(row.name, "NAME")
+    return row["reason"].replace(f"{row['name']}@random", "NAME").replace(row["name"], "NAME")
+
+
+def print_counts(rows: list[dict[str, str]]) -> None:
+    """Per family: how many models are in each status; then the reasons with their counts."""
+    per_family: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        per_family[row["family"]][row["status"]] += 1
+    width = max(len("FAMILY"), *(len(f) for f in per_family))
+    print("\n" + "FAMILY".ljust(width) + "  " + "  ".join(s.upper().rjust(9) for s in STATUSES) + "  TOTAL")
+    total: Counter = Counter()
+    for family in sorted(per_family):
+        counts = per_family[family]
+        total.update(counts)
+        print(family.ljust(width) + "  " + "  ".join(str(counts[s]).rjust(9) for s in STATUSES)
+              + f"  {sum(counts.values()):5d}")
+    print("all".ljust(width) + "  " + "  ".join(str(total[s]).rjust(9) for s in STATUSES) + f"  {len(rows):5d}")
+    for status in ("refused", "wrong", "crash"):
+        reasons = Counter(reason_kind(row) for row in rows if row["status"] == status)
+        if reasons:
+            print(f"\n{status} reasons:")
+            for reason, count in reasons.most_common():
+                print(f"  {count:4d}  {reason}")
 
 
 def main() -> int:
@@ -75,10 +99,21 @@ def main() -> int:
     parser.add_argument("--max-params", type=parse_count, default=DEFAULT_MAX_PARAMS,
                         help="too large above this many parameters (default 700M)")
     parser.add_argument("--out", default="coverage.csv", help="CSV file (default coverage.csv)")
+    parser.add_argument("--modules", nargs="+", default=list(COVERED_MODULES), choices=COVERED_MODULES,
+                        metavar="MODULE", help=f"timm modules to sweep (default all: {' '.join(COVERED_MODULES)})")
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="CSV",
+                        help="print the counts of earlier sweeps' CSV files (one row per model) and stop")
     args = parser.parse_args()
+    if args.summarise:
+        rows_by_name: dict[str, dict[str, str]] = {}
+        for path in args.summarise:
+            with path.open(newline="") as handle:
+                rows_by_name.update({row["name"]: row for row in csv.DictReader(handle)})
+        print_counts(list(rows_by_name.values()))
+        return 0
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
-    names = [n for n in timm_models() if args.only is None or args.only in n]
+    names = [n for n in timm_models(tuple(args.modules)) if args.only is None or args.only in n]
     if not names:
         print(f"no timm model of {', '.join(COVERED_MODULES)} contains {args.only!r}", file=sys.stderr)
         return 2
@@ -103,24 +138,7 @@ def main() -> int:
             print(f"[{done}/{len(names)}] {row.name}: {row.status}"
                   + (f" ({row.reason})" if row.reason else "") + f" {seconds:.0f} s", flush=True)
 
-    per_family: dict[str, Counter] = defaultdict(Counter)
-    for row, _ in rows:
-        per_family[row.family][row.status] += 1
-    width = max(len("FAMILY"), *(len(f) for f in per_family))
-    print("\n" + "FAMILY".ljust(width) + "  " + "  ".join(s.upper().rjust(9) for s in STATUSES) + "  TOTAL")
-    total: Counter = Counter()
-    for family in sorted(per_family):
-        counts = per_family[family]
-        total.update(counts)
-        print(family.ljust(width) + "  " + "  ".join(str(counts[s]).rjust(9) for s in STATUSES)
-              + f"  {sum(counts.values()):5d}")
-    print("all".ljust(width) + "  " + "  ".join(str(total[s]).rjust(9) for s in STATUSES) + f"  {len(rows):5d}")
-    for status in ("refused", "wrong", "crash"):
-        reasons = Counter(reason_kind(row) for row, _ in rows if row.status == status)
-        if reasons:
-            print(f"\n{status} reasons:")
-            for reason, count in reasons.most_common():
-                print(f"  {count:4d}  {reason}")
+    print_counts([{**row.to_json(), "reason": row.reason} for row, _ in rows])
     return 0
 
 
