@@ -1,0 +1,338 @@
+"""timm `Eva` (`timm/models/eva.py`): EVA-01/02, the `*_rope_*` ViTs, Perception Encoder,
+DINOv3, LingBot-Vision and Sapiens2, in every option their architectures use.
+
+Covers:
+- blocks: pre-norm `EvaBlock` (layer scale `gamma_1` / `gamma_2`, also attention-only layer
+  scale) and post-norm `EvaBlockPostNorm` (METHOD §1: the sub-layer streams after the block's
+  own `norm1` / `norm2`);
+- attention: `EvaAttention` (fused `qkv` with the q/v biases and EVA's zero k-bias, added
+  inside or after the matmul, or separate `q_proj` / `k_proj` / `v_proj`) and timm's
+  `AttentionRope` (fused or separate projections, grouped-query attention: the key/value
+  heads repeated to every query head after norm and rotation, as timm does); `qk_norm`, the
+  output norm before `proj` (`scale_attn_inner`), the sigmoid gate;
+- rotary position embeddings applied to the image tokens only (the first
+  `attn.num_prefix_tokens` queries and keys are left unrotated), interleaved or half layout:
+  `RotaryEmbeddingCat`, `RotaryEmbeddingDinoV3`, `RotaryEmbeddingMRope` (one table for every
+  block) and `RotaryEmbeddingMixed` (`rope_mixed`: a table per block, `rot_pos_embed[b]`).
+  The tables come from the model's own `_pos_embed`, so the embedded sequence and the tables
+  are those of `forward_features`; token removal masks keys at full length, so every kept
+  token keeps the rotation of its own position;
+- MLPs `Mlp`, `SwiGLU`, `GluMlp` (`vitlens.lens.mlp`); absolute position embeddings with or
+  without the prefix (`no_embed_class`), `norm_pre`, register tokens, CLS / average / max /
+  avgmax pooling, `fc_norm`, `head_drop`, and attention pooling (`map`, Perception Encoder
+  core): projected per METHOD §1b as `head(fc_norm(attn_pool(norm(h))))` on the one-token
+  sequence, like `ViTAdapter.norm_final`. Eva's attention pool reads every token, prefix
+  included (`Eva.pool`), and so does the parity check;
+- `dynamic_img_size` models (DINOv3, LingBot, Sapiens2) at their configured input size: the
+  lens's token grid is `patch_embed.grid_size`, and an input giving another grid is refused.
+
+Refused with a reason: `global_pool=''` (per-token outputs, no single head input), an
+attention pool other than timm's `AttentionPoolLatent` without its own position embedding,
+block / attention / MLP / rotary types other than the above. Explainability (METHOD §6) is
+skipped unless the head reads the CLS token (`global_pool='token'`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import AttentionPoolLatent, AttentionRope, apply_rot_embed_cat
+from timm.layers.pos_embed_sincos import (
+    RotaryEmbeddingCat,
+    RotaryEmbeddingDinoV3,
+    RotaryEmbeddingMixed,
+    RotaryEmbeddingMRope,
+)
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+
+from vitlens.errors import UserError
+from vitlens.lens.anatomy import ViTAnatomy
+from vitlens.lens.attention import AttentionResult, ProbsEdit, attend, merge_heads
+from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.families.vit import pool_tokens, token_grid
+from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
+from vitlens.lens.trace import BlockTrace
+
+BLOCK_TYPES = (EvaBlock, EvaBlockPostNorm)
+ATTENTION_TYPES = (EvaAttention, AttentionRope)
+ROPE_TYPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed, RotaryEmbeddingMRope)
+POOLS = ("token", "avg", "max", "avgmax", "map")
+
+
+def _names(types: tuple[type, ...]) -> str:
+    """The class names of `types`, comma-separated (for refusal messages)."""
+    return ", ".join(t.__name__ for t in types)
+
+
+def eva_attention_sublayer(
+    attn: EvaAttention | AttentionRope,
+    x: torch.Tensor,
+    rope: torch.Tensor | None,
+    keep_mask: torch.Tensor | None = None,
+    need_probs: bool = False,
+    key_keep: torch.Tensor | None = None,
+    probs_edit: ProbsEdit | None = None,
+) -> AttentionResult:
+    """timm's `EvaAttention.forward` / `AttentionRope.forward` from the module's own weights, in
+    timm's order (gate, q/k/v projections and biases, `q_norm`/`k_norm`, rotation of the image
+    tokens, key/value head repeat, attention, `norm`, gate, `proj`, `proj_drop`), exposing the
+    coefficients and probabilities.
+
+    # x: [B, T, d], rope: [N, 2·hd] or [H, N, 2·hd] (one block's table) or None,
+    #   keep_mask: [T, T], key_keep: [B, T] bool -> output/coefficients: [B, T, d], probs: [B, H, T, T]
+    """
+    batch, tokens, _ = x.shape
+    heads = attn.num_heads
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None  # [B, T, H·hd]
+    if attn.qkv is not None:
+        q_bias = getattr(attn, "q_bias", None)  # EvaAttention only; AttentionRope's bias is in qkv
+        if q_bias is None:
+            qkv = attn.qkv(x)  # [B, T, 3·H·hd]
+        else:
+            qkv_bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x) + qkv_bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+    else:
+        kv_heads = getattr(attn, "num_kv_heads", heads)
+        q = attn.q_proj(x).reshape(batch, tokens, heads, -1).transpose(1, 2)  # [B, H, T, hd]
+        k = attn.k_proj(x).reshape(batch, tokens, kv_heads, -1).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = attn.v_proj(x).reshape(batch, tokens, kv_heads, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        prefix, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention: query head h reads key/value head h // groups
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    heads_out, probs = attend(q, k, v, attn.scale, keep_mask, need_probs, key_keep, probs_edit=probs_edit)
+    coefficients = attn.norm(merge_heads(heads_out))  # [B, T, H·hd]
+    if gate is not None:
+        coefficients = coefficients * gate
+    output = attn.proj_drop(attn.proj(coefficients))  # [B, T, d]
+    return AttentionResult(output=output, coefficients=coefficients, probs=probs)
+
+
+class EvaAdapter(ModelAdapter):
+    """timm `Eva` (every architecture of `timm/models/eva.py`)."""
+
+    family = "eva"
+    model_classes = (Eva,)
+
+    model: Eva
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._rope: torch.Tensor | None = None  # the rotary tables of the last `embed`
+        super().__init__(model)
+
+    # ---- anatomy -------------------------------------------------------------------------
+    def check(self) -> None:
+        model = self.model
+        if model.attn_pool is None and model.global_pool not in POOLS[:-1]:
+            raise UserError(f"global_pool={model.global_pool!r} without an attention pool is not supported "
+                            f"(use one of {POOLS}): the head would not read one pooled token")
+        if model.attn_pool is not None:
+            if type(model.attn_pool) is not AttentionPoolLatent:
+                raise UserError(f"attention pool {type(model.attn_pool).__name__} is not supported "
+                                "(supported: AttentionPoolLatent)")
+            if getattr(model.attn_pool, "pos_embed", None) is not None:
+                raise UserError("attention pooling with its own position embedding: "
+                                "a one-token projection is not defined")
+        if model.rope is not None and type(model.rope) not in ROPE_TYPES:
+            raise UserError(f"unsupported rotary embedding {type(model.rope).__name__} "
+                            f"(supported: {_names(ROPE_TYPES)})")
+        for index, block in enumerate(model.blocks, start=1):
+            where = f"block {index}"
+            if type(block) not in BLOCK_TYPES:
+                raise UserError(f"{where}: unsupported transformer block {type(block).__name__} "
+                                f"(supported: {_names(BLOCK_TYPES)})")
+            if type(block.attn) not in ATTENTION_TYPES:
+                raise UserError(f"{where}: unsupported attention {type(block.attn).__name__} "
+                                f"(supported: {_names(ATTENTION_TYPES)})")
+            check_mlp(block.mlp, where)
+
+    def describe(self) -> ViTAnatomy:
+        model = self.model
+        grid_size, token_cell = token_grid(model.patch_embed)
+        return ViTAnatomy(
+            family=self.family,
+            num_blocks=len(model.blocks),
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            has_class_token=model.cls_token is not None,
+            global_pool="map" if model.attn_pool is not None else model.global_pool,
+            embed_dim=int(model.embed_dim),
+            num_classes=int(model.num_classes),
+            mlp_width=int(self.value_vectors(1, "mlp").shape[1]) if len(model.blocks) else 0,
+            grid_size=grid_size,
+            token_cell=token_cell,
+            post_norm=any(isinstance(block, EvaBlockPostNorm) for block in model.blocks),
+            skipped=self._skipped(),
+        )
+
+    def _skipped(self) -> tuple[tuple[str, str], ...]:
+        model, skipped = self.model, []
+        has_class_token = model.cls_token is not None
+        if not has_class_token:
+            skipped.append(("attn_no_cls", "the model has no CLS token"))
+        if not (has_class_token and model.global_pool == "token" and model.attn_pool is None):
+            pool = "map" if model.attn_pool is not None else model.global_pool
+            skipped.append(("explain", "explainability differentiates the CLS token the head reads; "
+                                       f"this model pools with global_pool={pool!r}"))
+        return tuple(skipped)
+
+    # ---- rotary tables -------------------------------------------------------------------
+    def _rotary_tables(self) -> torch.Tensor | None:
+        """The rotary tables `_pos_embed` builds for the lens's token grid (eval mode, no patch
+        dropout), for blocks run without a preceding `embed`.
+
+        # -> [N, 2·hd] (one table) or [L, H, N, 2·hd] (mixed: one per block) or None
+        """
+        model = self.model
+        if model.rope is None:
+            return None
+        if model.dynamic_img_size:
+            return model.rope.get_embed(shape=self.anatomy.grid_size)
+        if hasattr(model.rope, "feat_shape"):
+            return model.rope.get_embed()
+        return model.rope.get_embed(shape=model.patch_embed.grid_size)
+
+    def _block_rope(self, index: int, device: torch.device) -> torch.Tensor | None:
+        """Block `index`'s rotary table: the one of the last `embed` (recomputed when missing, on
+        another device, or made under inference mode while autograd is on).
+
+        # -> [N, 2·hd] / [H, N, 2·hd] or None
+        """
+        if self.model.rope is None:
+            return None
+        rope = self._rope
+        stale = rope is None or rope.device != device or (rope.is_inference() and not torch.is_inference_mode_enabled())
+        if stale:
+            rope = self._rope = self._rotary_tables()
+        return rope[index - 1] if getattr(self.model, "rope_mixed", False) else rope
+
+    # ---- forward -------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """`patch_embed`, then `_pos_embed` (CLS, registers, absolute position embedding, the
+        rotary tables kept for the blocks), then `norm_pre`, as `forward_features` does.
+
+        # images: [B, 3, H, W] -> hidden: [B, P+N, d]
+        """
+        model = self.model
+        hidden, rope = model._pos_embed(model.patch_embed(images))
+        if hidden.shape[1] != self.anatomy.num_tokens:
+            raise UserError(
+                f"input {tuple(images.shape[-2:])} gives {hidden.shape[1] - self.anatomy.num_prefix_tokens} image "
+                f"tokens, not the {self.anatomy.grid_size} grid of the model's input size "
+                f"{tuple(model.patch_embed.img_size)}: the lens analyses the model at that size")
+        self._rope = rope
+        return model.norm_pre(hidden)
+
+    def block_forward(
+        self,
+        index: int,
+        resid_pre: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        need_probs: bool = False,
+        key_keep: torch.Tensor | None = None,
+        probs_edit: ProbsEdit | None = None,
+    ) -> BlockTrace:
+        """`EvaBlock.forward` / `EvaBlockPostNorm.forward` with every stream exposed.
+
+        # resid_pre: [B, T, d] -> BlockTrace
+        """
+        block = self.model.blocks[index - 1]
+        rope = self._block_rope(index, resid_pre.device)
+        post_norm = isinstance(block, EvaBlockPostNorm)
+        attn_input = resid_pre if post_norm else block.norm1(resid_pre)
+        attention = eva_attention_sublayer(block.attn, attn_input, rope, keep_mask, need_probs, key_keep, probs_edit)
+        if post_norm:
+            attn_out = block.norm1(attention.output)
+        else:
+            attn_out = attention.output if block.gamma_1 is None else block.gamma_1 * attention.output
+        resid_mid = resid_pre + block.drop_path1(attn_out)
+        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
+        if post_norm:
+            mlp_out = block.norm2(mlp_raw)
+        else:
+            mlp_out = mlp_raw if block.gamma_2 is None else block.gamma_2 * mlp_raw
+        resid_post = resid_mid + block.drop_path2(mlp_out)
+        return BlockTrace(
+            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
+            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
+            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
+        )
+
+    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's own blocks with their rotary tables (no streams kept); token removal as
+        timm's boolean attention mask over the keys.
+
+        # hidden: [B, T, d], key_keep: [B, T] bool -> resid_final: [B, T, d]
+        """
+        attn_mask = None if key_keep is None else key_keep[:, None, None, :]  # [B, 1, 1, T]
+        for index, block in enumerate(self.model.blocks, start=1):
+            hidden = block(hidden, rope=self._block_rope(index, hidden.device), attn_mask=attn_mask)
+        return hidden
+
+    def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward_head(norm(x))` as timm does; with `key_keep`, pooling over the kept tokens
+        only (the attention pool masks the removed keys).
+
+        # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
+        """
+        model = self.model
+        hidden = model.norm(resid_final)
+        if key_keep is None or (model.global_pool == "token" and model.attn_pool is None):
+            return model.forward_head(hidden)
+        if model.attn_pool is not None:  # Eva's pool reads every token, prefix included
+            pooled = model.attn_pool(hidden, attn_mask=key_keep[:, None, None, :])
+        else:
+            prefix = model.num_prefix_tokens
+            pooled = pool_tokens(hidden[:, prefix:], model.global_pool, key_keep[:, prefix:])
+        return model.head(model.head_drop(model.fc_norm(pooled)))
+
+    # ---- projection ----------------------------------------------------------------------
+    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`fc_norm(pool(norm(h)))` of the token alone: the mean / max of one token is the token;
+        the attention pool (`map`) runs on the one-token sequence.
+
+        # hidden: [..., d] -> [..., d]
+        """
+        model = self.model
+        normed = model.norm(hidden)
+        if model.attn_pool is not None:
+            shape = normed.shape
+            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)
+        return model.fc_norm(normed)
+
+    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
+        """CLS: the CLS token's projection; average pooling without a norm before pooling: the
+        projection of the mean of the image tokens; with the norm before pooling (and no
+        `fc_norm`): the mean of the tokens' projections (the head is linear); otherwise (max /
+        avgmax / attention pooling, or both norms): the pooled token through `fc_norm` and the head.
+
+        # resid_final: [B, T, d] -> logits: [B, C]
+        """
+        model = self.model
+        if model.attn_pool is not None:
+            return F.linear(model.fc_norm(model.attn_pool(model.norm(resid_final))), *self.class_embedding())
+        if model.global_pool == "token":
+            return self.project(resid_final[:, 0])
+        tokens = resid_final[:, model.num_prefix_tokens:]  # [B, N, d]
+        if model.global_pool == "avg":
+            if isinstance(model.norm, torch.nn.Identity):
+                return self.project(tokens.mean(dim=1))
+            if isinstance(model.fc_norm, torch.nn.Identity):
+                return self.project(tokens).mean(dim=1)
+        pooled = pool_tokens(model.norm(tokens), model.global_pool)
+        return F.linear(model.fc_norm(pooled), *self.class_embedding())
+
+    # ---- memories ------------------------------------------------------------------------
+    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
+        """attn: the output projection's columns; mlp: `fc2`'s columns. # -> values: [d, M]"""
+        check_sublayer(sublayer)
+        block = self.model.blocks[index - 1]
+        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
