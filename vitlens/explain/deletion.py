@@ -67,7 +67,7 @@ def deletion_predictions(
     order = deletion_order(importance, test)  # [B, N]
     predictions = []
     with torch.no_grad():
-        hidden = adapter.embed(images)  # [B, P+N, d]
+        hidden = adapter.embed(images)  # [B, T0, d] (CaiT / XCiT: the image tokens only)
         for count in kept_counts.tolist():
             kept = order[:, :count].sort(dim=1).values + prefix  # [B, n] positions in the sequence
             predictions.append(adapter.logits_keeping(hidden, kept).argmax(dim=1))
