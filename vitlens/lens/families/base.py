@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import ViTAnatomy
 from vitlens.lens.attention import ProbsEdit
+from vitlens.lens.mlp import mlp_values
 from vitlens.lens.trace import BlockTrace
 
 SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
@@ -142,12 +143,21 @@ class ModelAdapter(ABC):
         """
 
     # ---- projection ----------------------------------------------------------------------
-    @abstractmethod
     def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The per-token part of the head path before the linear head (norms, one-token pooling).
+        """The per-token part of the head path before the linear head: timm's
+        `fc_norm(pool(norm(h)))` of the token alone — the mean / max of one token is the
+        token; an attention pool (`map`, `attn_pool`) runs on the one-token sequence. Families
+        whose head path differs override it.
 
         # hidden: [..., d] -> [..., d_head]
         """
+        model = self.model
+        normed = model.norm(hidden)
+        if getattr(model, "attn_pool", None) is not None:
+            shape = normed.shape
+            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)  # [n, 1, d] -> [n, d]
+        fc_norm = getattr(model, "fc_norm", None)
+        return fc_norm(normed) if fc_norm is not None else normed
 
     def class_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The class embedding `E` and bias `e` the projection applies (METHOD §1).
@@ -204,12 +214,16 @@ class ModelAdapter(ABC):
         return branch.resid_post[:, 0]
 
     # ---- memories ------------------------------------------------------------------------
-    @abstractmethod
     def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """Value vectors (columns) of sub-layer `sublayer` ("attn" / "mlp") of block `index`.
+        """Value vectors (columns) of sub-layer `sublayer` ("attn" / "mlp") of block `index`:
+        timm's standard anatomy, `blocks[index - 1].attn.proj` and `.mlp.fc2` (METHOD §3).
+        Families with other blocks override it.
 
         # -> values: [d, M]
         """
+        check_sublayer(sublayer)
+        block = self.model.blocks[index - 1]
+        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
 
 
 def check_sublayer(sublayer: str) -> None:

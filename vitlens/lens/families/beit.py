@@ -31,7 +31,7 @@ from timm.models.beit import Block as BeitBlock
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import ViTAnatomy
 from vitlens.lens.attention import ProbsEdit, attend, merge_heads
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.families.vit import pool_tokens, token_grid
 from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
 from vitlens.lens.trace import BlockTrace
@@ -209,24 +209,11 @@ class BeitAdapter(ModelAdapter):
         return head_logits(self.model, resid_final, key_keep)
 
     # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`fc_norm(norm(h))`: one of the two is Identity (the mean of one token is the token).
-
-        # hidden: [..., d] -> [..., d]
-        """
-        return self.model.fc_norm(self.model.norm(hidden))
-
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """# resid_final: [B, T, d] -> logits: [B, C] (see `pooled_parity_logits`)"""
         return pooled_parity_logits(self, resid_final)
 
     # ---- memories ------------------------------------------------------------------------
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """attn: `attn.proj`'s columns; mlp: `fc2`'s columns. # -> values: [d, M]"""
-        check_sublayer(sublayer)
-        block = self.model.blocks[index - 1]
-        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
-
     # ---- explainability ------------------------------------------------------------------
     def cls_branch(
         self, index: int, trace: BlockTrace, cls_row: torch.Tensor, source: str

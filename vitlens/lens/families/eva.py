@@ -48,9 +48,9 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import ViTAnatomy
 from vitlens.lens.attention import AttentionResult, ProbsEdit, attend, merge_heads
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.families.vit import pool_tokens, token_grid
-from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
+from vitlens.lens.mlp import check_mlp, mlp_forward
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (EvaBlock, EvaBlockPostNorm)
@@ -295,19 +295,6 @@ class EvaAdapter(ModelAdapter):
         return model.head(model.head_drop(model.fc_norm(pooled)))
 
     # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`fc_norm(pool(norm(h)))` of the token alone: the mean / max of one token is the token;
-        the attention pool (`map`) runs on the one-token sequence.
-
-        # hidden: [..., d] -> [..., d]
-        """
-        model = self.model
-        normed = model.norm(hidden)
-        if model.attn_pool is not None:
-            shape = normed.shape
-            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)
-        return model.fc_norm(normed)
-
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """CLS: the CLS token's projection; average pooling without a norm before pooling: the
         projection of the mean of the image tokens; with the norm before pooling (and no
@@ -331,8 +318,3 @@ class EvaAdapter(ModelAdapter):
         return F.linear(model.fc_norm(pooled), *self.class_embedding())
 
     # ---- memories ------------------------------------------------------------------------
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """attn: the output projection's columns; mlp: `fc2`'s columns. # -> values: [d, M]"""
-        check_sublayer(sublayer)
-        block = self.model.blocks[index - 1]
-        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)

@@ -39,9 +39,9 @@ from timm.models.vision_transformer import Block, ResPostBlock
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import ViTAnatomy
 from vitlens.lens.attention import ProbsEdit, attention_sublayer
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.families.vit import pool_tokens
-from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
+from vitlens.lens.mlp import check_mlp, mlp_forward
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (Block, ResPostBlock)
@@ -194,19 +194,6 @@ class NaFlexAdapter(ModelAdapter):
         return model.forward_head(model.norm(resid_final), patch_valid=patch_valid)
 
     # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`fc_norm(pool(norm(h)))` of the token alone: the mean / max of one token is the token;
-        attention pooling (`map`) runs on the one-token sequence.
-
-        # hidden: [..., d] -> [..., d]
-        """
-        model = self.model
-        normed = model.norm(hidden)
-        if model.attn_pool is not None:
-            shape = normed.shape
-            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)  # [n, 1, d] -> [n, d]
-        return model.fc_norm(normed)
-
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """CLS: the CLS token's projection; average pooling without a norm before pooling: the
         projection of the mean; with the norm before pooling: the mean of the tokens'
@@ -231,8 +218,3 @@ class NaFlexAdapter(ModelAdapter):
         return F.linear(model.fc_norm(pooled), weight, bias)
 
     # ---- memories ------------------------------------------------------------------------
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """attn: the output projection's columns; mlp: `fc2`'s columns. # -> values: [d, M]"""
-        check_sublayer(sublayer)
-        block = self.model.blocks[index - 1]
-        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)

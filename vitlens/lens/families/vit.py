@@ -208,19 +208,6 @@ class ViTAdapter(ModelAdapter):
         return model.head(model.head_drop(model.fc_norm(pooled)))
 
     # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`fc_norm(pool(norm(h)))` of the token alone: the mean / max of one token is the token;
-        attention pooling (`map`) runs on the one-token sequence.
-
-        # hidden: [..., d] -> [..., d]
-        """
-        model = self.model
-        normed = model.norm(hidden)
-        if model.attn_pool is not None:
-            shape = normed.shape
-            normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)
-        return model.fc_norm(normed)
-
     def class_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`head`, or for distilled models the average of `head` and `head_dist` (METHOD §1b)."""
         model = self.model
