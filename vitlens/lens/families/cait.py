@@ -297,13 +297,6 @@ class CaitAdapter(ModelAdapter):
         return model.head(model.head_drop((pooled * weights).sum(dim=1) / weights.sum(dim=1)))
 
     # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`norm(h)` (the mean of one token is the token for average pooling).
-
-        # hidden: [..., d] -> [..., d]
-        """
-        return self.model.norm(hidden)
-
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """CLS pooling: the CLS token's projection; average pooling (after the norm): the mean
         of the image tokens' projections.

@@ -38,10 +38,10 @@ from timm.models.vision_transformer import Block, ResPostBlock
 
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import ProbsEdit, attention_sublayer
+from vitlens.lens.attention import ProbsEdit
 from vitlens.lens.families.base import ModelAdapter
-from vitlens.lens.families.vit import pool_tokens
-from vitlens.lens.mlp import check_mlp, mlp_forward
+from vitlens.lens.families.vit import pool_tokens, timm_block_forward
+from vitlens.lens.mlp import check_mlp
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (Block, ResPostBlock)
@@ -147,20 +147,8 @@ class NaFlexAdapter(ModelAdapter):
 
         # resid_pre: [B, T, d] -> BlockTrace
         """
-        block = self.model.blocks[index - 1]
-        post_norm = isinstance(block, ResPostBlock)
-        attn_input = resid_pre if post_norm else block.norm1(resid_pre)  # [B, T, d]
-        attention = attention_sublayer(block.attn, attn_input, keep_mask, need_probs, key_keep, probs_edit)
-        attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)  # [B, T, d]
-        resid_mid = resid_pre + block.drop_path1(attn_out)
-        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)  # [B, T, d]
-        resid_post = resid_mid + block.drop_path2(mlp_out)
-        return BlockTrace(
-            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
-            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
-            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
-        )
+        return timm_block_forward(self.model.blocks[index - 1], index, resid_pre, keep_mask, need_probs, key_keep,
+                                  probs_edit)
 
     def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """timm's own blocks (no streams kept; token removal as key masking).

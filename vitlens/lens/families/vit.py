@@ -157,19 +157,7 @@ class ViTAdapter(ModelAdapter):
             return _parallel_scaling_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
         if isinstance(block, ParallelThingsBlock):
             return _parallel_things_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
-        post_norm = isinstance(block, ResPostBlock)
-        attn_input = resid_pre if post_norm else block.norm1(resid_pre)
-        attention = attention_sublayer(block.attn, attn_input, keep_mask, need_probs, key_keep, probs_edit)
-        attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)
-        resid_mid = resid_pre + block.drop_path1(attn_out)
-        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
-        resid_post = resid_mid + block.drop_path2(mlp_out)
-        return BlockTrace(
-            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
-            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
-            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
-        )
+        return timm_block_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
 
     def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """timm's own blocks (no streams kept; token removal as key masking)."""
@@ -290,6 +278,30 @@ class ViTAdapter(ModelAdapter):
         mlp_raw, _ = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
         mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
         return resid_mid + block.drop_path2(mlp_out)
+
+
+def timm_block_forward(
+    block: Block | ResPostBlock, index: int, resid_pre: torch.Tensor, keep_mask: torch.Tensor | None = None,
+    need_probs: bool = False, key_keep: torch.Tensor | None = None, probs_edit: ProbsEdit | None = None,
+) -> BlockTrace:
+    """timm's pre-norm `Block` or post-norm `ResPostBlock` (its sub-layer streams after the
+    block's own `norm1` / `norm2`), in timm's order, every stream exposed (also NaFlexViT's).
+
+    # resid_pre: [B, T, d] -> BlockTrace
+    """
+    post_norm = isinstance(block, ResPostBlock)
+    attn_input = resid_pre if post_norm else block.norm1(resid_pre)  # [B, T, d]
+    attention = attention_sublayer(block.attn, attn_input, keep_mask, need_probs, key_keep, probs_edit)
+    attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)  # [B, T, d]
+    resid_mid = resid_pre + block.drop_path1(attn_out)
+    mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
+    mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)  # [B, T, d]
+    resid_post = resid_mid + block.drop_path2(mlp_out)
+    return BlockTrace(
+        index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
+        mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
+        mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
+    )
 
 
 def _parallel_scaling_forward(
