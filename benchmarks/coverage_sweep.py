@@ -10,6 +10,7 @@ crash / too large, then the refusal reasons with their counts.
     .venv/bin/python benchmarks/coverage_sweep.py --jobs 2 --out coverage.csv   # all (> 1 h on 2 cores)
     .venv/bin/python benchmarks/coverage_sweep.py --modules eva --out eva.csv    # one timm module
     .venv/bin/python benchmarks/coverage_sweep.py --summarise coverage.csv eva.csv  # counts of CSVs
+    .venv/bin/python benchmarks/coverage_sweep.py --modules eva --out eva.csv --resume  # go on after a stop
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def main() -> int:
     parser.add_argument("--out", default="coverage.csv", help="CSV file (default coverage.csv)")
     parser.add_argument("--modules", nargs="+", default=list(COVERED_MODULES), choices=COVERED_MODULES,
                         metavar="MODULE", help=f"timm modules to sweep (default all: {' '.join(COVERED_MODULES)})")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and sweep only the models it lacks")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="CSV",
                         help="print the counts of earlier sweeps' CSV files (one row per model) and stop")
     args = parser.parse_args()
@@ -114,6 +117,17 @@ def main() -> int:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     names = [n for n in timm_models(tuple(args.modules)) if args.only is None or args.only in n]
+    out = Path(args.out)
+    kept: list[dict[str, str]] = []
+    if args.resume and out.is_file():
+        with out.open(newline="") as handle:
+            kept = list(csv.DictReader(handle))
+        done_names = {row["name"] for row in kept}
+        names = [n for n in names if n not in done_names]
+    if not names and kept:
+        print(f"every model is already in {out}")
+        print_counts(kept)
+        return 0
     if not names:
         print(f"no timm model of {', '.join(COVERED_MODULES)} contains {args.only!r}", file=sys.stderr)
         return 2
@@ -121,10 +135,10 @@ def main() -> int:
     print(f"{len(names)} models, {args.jobs} at a time, {threads} torch thread(s) each, "
           f"timeout {args.timeout:g} s -> {args.out}", flush=True)
     rows: list[tuple[CoverageRow, float]] = []
-    out = Path(args.out)
     with out.open("w", newline="") as handle, ThreadPoolExecutor(args.jobs) as pool:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
+        writer.writerows(kept)
         futures = [pool.submit(run_one, name, args.timeout, args.max_params, threads) for name in names]
         for done, future in enumerate(futures, start=1):
             row, seconds = future.result()
@@ -138,7 +152,7 @@ def main() -> int:
             print(f"[{done}/{len(names)}] {row.name}: {row.status}"
                   + (f" ({row.reason})" if row.reason else "") + f" {seconds:.0f} s", flush=True)
 
-    print_counts([{**row.to_json(), "reason": row.reason} for row, _ in rows])
+    print_counts(kept + [{**row.to_json(), "reason": row.reason} for row, _ in rows])
     return 0
 
 
