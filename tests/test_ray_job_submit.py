@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -74,12 +75,17 @@ def test_ray_job_submit_runs_the_job_on_a_started_cluster(tmp_path: Path) -> Non
             env=base_env, capture_output=True, text=True, timeout=120,
         )
         assert refused.returncode != 0, "the cluster answered a client without the token"
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address,
-             "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_TOKEN_PATH": str(token_file)}}),
-             "--", sys.executable, "-m", "vitlens", "run", str(job), "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
+        deadline = time.monotonic() + 120
+        while True:  # the head's job agent starts after `ray start` returns: wait for it, on a busy machine too
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address,
+                 "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_TOKEN_PATH": str(token_file)}}),
+                 "--", sys.executable, "-m", "vitlens", "run", str(job), "--no-progress"],
+                env=env, capture_output=True, text=True, timeout=300,
+            )
+            if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "succeeded" in submit.stdout + submit.stderr
     finally:
