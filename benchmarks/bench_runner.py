@@ -38,7 +38,7 @@ def main() -> None:
         shards = Path(tmp) / "shards"
         cli_main(["shards", "shapes", "--per-class", str(args.per_class), "--shard-size", str(args.shard_size),
                   "--out", str(shards)])
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         job = JobSpec(name="bench", output=str(Path(tmp) / "r1"), variants=(args.variant,),
                       data=DataSpec(manifest=str(shards / "manifest.json")), batch_size=args.batch_size,
                       resources=ResourceSpec(device="cpu", cpus_per_actor=1, max_actors=1))

@@ -70,7 +70,8 @@ def one_actor_job(device: str, images: int, batch_size: int) -> dict[str, Any]:
         cli_main(["shards", "shapes", "--per-class", str(per_class), "--shard-size", "250", "--size", "224",
                   "--out", str(shards)])
         cpus = os.cpu_count() or 2
-        ray.init(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
+                 log_to_driver=False)
         try:
             job = JobSpec(
                 name="gpu_check", output=str(Path(tmp) / "results"), variants=("vit_b16@random",),

@@ -88,6 +88,13 @@ def test_ray_job_submit_runs_the_job_on_a_started_cluster(tmp_path: Path) -> Non
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "succeeded" in submit.stdout + submit.stderr
+        # `vitlens run` without --address starts a cluster of its own, even with this one running
+        own = tmp_path / "own.toml"
+        own.write_text(job.read_text().replace('output = "results"', 'output = "own-results"'))
+        local = subprocess.run([sys.executable, "-m", "vitlens", "run", str(own), "--no-progress"],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert local.returncode == 0, local.stdout + local.stderr
+        assert list((tmp_path / "own-results").glob("table=images/*/*/*.parquet"))
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     count = duckdb.connect().execute(

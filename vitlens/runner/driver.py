@@ -79,7 +79,9 @@ def _connect(address: str | None, local_cpus: int) -> None:
         ray.init(address=address, **quiet)
     else:
         # Explicit num_cpus: on small machines Ray would otherwise let actors claim every CPU.
-        ray.init(num_cpus=local_cpus, include_dashboard=False, **quiet)
+        # address="local": always a new cluster of our own, even when `ray start` runs one here
+        # (ray.init would try to join it and refuse the num_cpus); join one with --address.
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, **quiet)
 
 
 def _placement(job: JobSpec) -> tuple[str, int, dict[str, float]]:
