@@ -14,7 +14,6 @@ from timm.models.vision_transformer import (
     ParallelScalingBlock,
     ParallelThingsBlock,
     ResPostBlock,
-    VisionTransformer,
 )
 
 from vitlens.errors import UserError
@@ -22,7 +21,8 @@ from vitlens.lens import Lens, adapter_for
 from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.parity import check_parity
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+from tests.test_lens_forward import tiny_vit  # a tiny ViT with attention far from uniform
+
 OPTIONS = {
     "cls": {},
     "registers_no_cls_avg": dict(class_token=False, reg_tokens=2, global_pool="avg"),
@@ -40,17 +40,6 @@ OPTIONS = {
 }
 
 
-def tiny_vit(seed: int = 0, **overrides: object) -> VisionTransformer:
-    """A tiny timm ViT with parameters at a scale where attention is far from uniform."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(**{**TINY, **overrides}).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
