@@ -4,6 +4,8 @@
 -- the CLS attention row, summed over heads), image tokens with labels from the segmentation mask.
 -- Returns one row per variant x block (1..L) x label ('class' | 'context'; 'ignore' left out),
 -- experiment 'explain', method 'ours' (table explain; a result set without it gives no rows).
+-- Always the paper's gradients: a beyond-paper variant ('ours[ln=frozen,...]') keeps only its
+-- global map (block null), like the baselines, so it has no per-block rows here.
 -- Columns:
 --   variant, block, normalised_block (block / L, L = the variant's largest block in explain),
 --   label ('class' | 'context'), tokens (image tokens of that label, pooled over images),

@@ -47,3 +47,16 @@ def test_explain_names_an_unreadable_image(tmp_path: Path, capsys: pytest.Captur
     missing = tmp_path / "missing.png"
     assert main(["explain", str(missing), "--variant", "shapes_vit_p16", "--out", str(tmp_path)]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_explain_beyond_paper_options(shape_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--ln frozen --loss logit` draws the same set of maps and names the method it used."""
+    out = tmp_path / "maps"
+    assert main(["explain", str(shape_png), "--variant", "shapes_vit_p16", "--blocks", "6", "--ln", "frozen",
+                 "--loss", "logit", "--out", str(out)]) == 0
+    assert "method ours[ln=frozen,loss=logit]" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "block06_head01.png", "block06_head02.png", "block06_head03.png", "global.png"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal of an unknown choice
+        main(["explain", str(shape_png), "--variant", "shapes_vit_p16", "--ln", "fixed", "--out", str(out)])
+    assert exit_info.value.code == 2 and "--ln" in capsys.readouterr().err

@@ -22,7 +22,9 @@ def test_auc_and_reference_normalisation_by_hand() -> None:
     accuracy = torch.tensor([0.0, 0.5, 1.0, 1.0, 0.5])  # N = 4, fractions 0, .25, .5, .75, 1
     # trapezoids: .25*(0+.5)/2 + .25*(.5+1)/2 + .25*(1+1)/2 + .25*(1+.5)/2 = .0625+.1875+.25+.1875
     assert curve_auc(accuracy) == pytest.approx(0.6875)
-    assert reference_normalised_auc(accuracy) == pytest.approx(3.0 / (5 * 1.0))
+    # METHOD §6: sum over n = 1..N-1 only, over N * max: (.5 + 1 + 1) / (4 * 1)
+    assert reference_normalised_auc(accuracy) == pytest.approx(2.5 / (4 * 1.0))
+    assert reference_normalised_auc(accuracy, torch.arange(5), 4) == pytest.approx(0.625)
     assert reference_normalised_auc(torch.zeros(3)) == 0.0
 
 
@@ -63,6 +65,7 @@ OURS_FAILS_ON_THE_ZOO = pytest.mark.xfail(
 METHODS_UNDER_TEST = [
     pytest.param("ours", marks=OURS_FAILS_ON_THE_ZOO),  # residual stream (the paper's text)
     pytest.param("ours_attn", marks=OURS_FAILS_ON_THE_ZOO),  # attention output (the reference code)
+    "ours[ln=frozen,loss=logit]",  # beyond the paper: METHOD §6's verified fix, an option (not the default)
     "chefer",
     "rollout",
 ]
@@ -74,7 +77,7 @@ OBJECTS_MODEL = "shapes_vit_p16_objects"
 @pytest.fixture(scope="module")
 def objects_importances() -> tuple:
     model, images, labels, masks = zoo_batch(OBJECTS_MODEL, per_class=5, seed=321)
-    importances = method_importances(model, images, labels)
+    importances = method_importances(model, images, labels, ln="frozen", loss="logit")
     importances["ours_attn"] = global_importance(block_head_importance(model, images, labels, "attn"))
     return model, images, labels, masks, importances
 
@@ -82,7 +85,8 @@ def objects_importances() -> tuple:
 @pytest.fixture(scope="module")
 def objects_auc(objects_importances: tuple) -> dict[tuple[str, str], float]:
     model, images, labels, _, importances = objects_importances
-    chosen = {name: importances[name] for name in ("ours", "ours_attn", "chefer", "rollout", "random")}
+    chosen = {name: importances[name] for name in ("ours", "ours_attn", "ours[ln=frozen,loss=logit]", "chefer",
+                                                   "rollout", "random")}
     return {(c.method, c.test): c.auc for c in perturbation_curves(model, images, labels, chosen)}
 
 

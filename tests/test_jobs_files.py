@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from vitlens.models.registry import get_variant
-from vitlens.runner.demo import demo_job
+from vitlens.runner.demo import context0_job, demo_job
 from vitlens.runner.spec import EXPERIMENTS, load_job_spec
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -13,6 +13,7 @@ def test_demo_file_is_the_demo_job() -> None:
     from_file = load_job_spec(JOBS / "demo.toml")
     in_code = demo_job(JOBS.parent / "demo-out")
     assert from_file == in_code
+    assert load_job_spec(JOBS / "demo_context0.toml") == context0_job(JOBS.parent / "demo-out")
 
 
 def test_paper_job_names_the_seven_variants_and_their_twins() -> None:

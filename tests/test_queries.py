@@ -127,7 +127,7 @@ def rate(flags: list[bool]) -> float:
 
 def test_every_query_has_a_title_and_header_naming_its_columns():
     queries = list_queries() + list_queries("stats")
-    assert len(queries) == 18  # 15 lens results + 3 explainability (tests/test_queries_explain.py)
+    assert len(queries) == 20  # 12 lens + 3 explainability (test_queries_explain) + 2 probe results, 3 stats inputs
     for query in queries:
         assert query.title != query.path.stem, query.path
         assert "Columns" in query.header and "Paper" in query.header, query.path

@@ -4,8 +4,10 @@ The set has the real schema and layout (vitlens.store) of an `explain` job: vari
 (L = 3 blocks) and `small` (L = 2), 3 images of 1 CLS + N = 4 image tokens, 2 heads. The
 `explain` table has the per-block, per-head gradient importance of method 'ours' plus two
 baselines' global maps; `perturbation_curves` keeps the counts n = 0, 1, 3, 4 only (uneven
-kept-fraction spacing), and `small` has no 'random' method. Every test recomputes its
-query's answer from the Python rows with plain loops (no SQL), plus a few values by hand.
+kept-fraction spacing), `toy`'s 'random' has 2 orders (`order` 0 and 1, averaged by the
+queries) and `toy` has 'linear_probe' curves under experiment 'probe'; `small` has no
+'random' method. Every test recomputes its query's answer from the Python rows with plain
+loops (no SQL), plus a few values by hand.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ IMAGES = {  # image_key -> (class_index, labels of image tokens 1..4); img2 has 
     "img1": (1, ("class", "context", "context", "context")),
     "img2": (2, ("context", "context", "ignore", "ignore")),
 }
-METHODS = {"toy": ("ours", "chefer", "random"), "small": ("ours", "chefer")}
+METHODS = {"toy": ("ours", "chefer", "random", "linear_probe"), "small": ("ours", "chefer")}
+RULE_METHODS = ("ours", "chefer", "random", "linear_probe")  # index m of the `correct` rule
+ORDERS = {"random": 2}  # random orders per method (1 for every other method)
+EXPERIMENT_OF = {"linear_probe": "probe"}  # perturbation_curves experiment per method (else EXPERIMENT)
 BASELINES = ("chefer", "random")
 TESTS = ("negative", "positive")
 # Correctness of (img0, img1, img2) per kept count, where it is not the rule of `correct`.
@@ -48,7 +53,8 @@ OVERRIDES = {
 EXPLAIN_QUERIES = {
     "explain_deletion_curves": ["variant", "method", "test", "kept_tokens", "kept_fraction", "images",
                                 "accuracy_pct"],
-    "explain_auc": ["variant", "method", "test", "images", "points", "auc", "reference_auc", "random_auc"],
+    "explain_auc": ["variant", "method", "test", "images", "orders", "points", "auc", "reference_auc",
+                    "random_auc"],
     "explain_importance_by_block": ["variant", "block", "normalised_block", "label", "tokens",
                                     "mean_importance", "images", "object_rank_pct"],
 }
@@ -78,20 +84,21 @@ def explain_rows(variant: str) -> list[dict]:
     return rows
 
 
-def correct(variant: str, method: str, test: str, image: int, n: int) -> bool:
-    """Top-1 correctness of one image at kept count n (a fixed rule, or OVERRIDES)."""
+def correct(variant: str, method: str, test: str, image: int, n: int, order: int = 0) -> bool:
+    """Top-1 correctness of one image at kept count n in one order (a fixed rule, or OVERRIDES)."""
     if (variant, method, test) in OVERRIDES:
         return OVERRIDES[(variant, method, test)][n][image] == "T"
-    v, m, t = list(DEPTHS).index(variant), ("ours", "chefer", "random").index(method), TESTS.index(test)
-    return (image * (n + 1) + m + 2 * t + v) % 4 < 2
+    v, m, t = list(DEPTHS).index(variant), RULE_METHODS.index(method), TESTS.index(test)
+    return (image * (n + 1) + m + 2 * t + v + 3 * order) % 4 < 2
 
 
-def curve_rows(variant: str) -> list[dict]:
-    """The perturbation_curves rows of one variant."""
+def curve_rows(variant: str, experiment: str = EXPERIMENT) -> list[dict]:
+    """The perturbation_curves rows of one variant and experiment (every order of each method)."""
     return [{"image_key": image_key, "method": method, "test": test, "kept_tokens": n, "kept_fraction": n / N,
-             "prediction": IMAGES[image_key][0] if correct(variant, method, test, i, n) else 9,
-             "correct": correct(variant, method, test, i, n)}
-            for method in METHODS[variant] for test in TESTS
+             "prediction": IMAGES[image_key][0] if correct(variant, method, test, i, n, order) else 9,
+             "correct": correct(variant, method, test, i, n, order), "order": order}
+            for method in METHODS[variant] if EXPERIMENT_OF.get(method, EXPERIMENT) == experiment
+            for test in TESTS for order in range(ORDERS.get(method, 1))
             for i, image_key in enumerate(IMAGES) for n in KEPT]
 
 
@@ -122,9 +129,13 @@ def write_explain_results(root: Path, tokens: bool = True) -> Path:
             columns = _columns(token_rows())
             columns["top5_class"], columns["top5_logit"] = np.array(columns["top5_class"]), np.array(columns["top5_logit"])
             write_parquet_atomic(to_table("tokens", columns), table_file(root, "tokens", variant, "baseline", "toy-000000"))
-        for table, rows in (("explain", explain_rows(variant)), ("perturbation_curves", curve_rows(variant))):
-            write_parquet_atomic(to_table(table, _columns(rows)),
-                                 table_file(root, table, variant, EXPERIMENT, "toy-000000"))
+        tables = [("explain", EXPERIMENT, explain_rows(variant)),
+                  ("perturbation_curves", EXPERIMENT, curve_rows(variant)),
+                  ("perturbation_curves", "probe", curve_rows(variant, "probe"))]
+        for table, experiment, rows in tables:
+            if rows:
+                write_parquet_atomic(to_table(table, _columns(rows)),
+                                     table_file(root, table, variant, experiment, "toy-000000"))
     return root
 
 
@@ -137,12 +148,18 @@ def query_rows(results: Path, name: str) -> list[dict]:
     return run_query(open_results(results), find_query(name)).to_pylist()
 
 
-def accuracy_curve(variant: str, method: str, test: str) -> list[tuple[float, float]]:
-    """(kept fraction, accuracy in [0, 1]) per kept count, by loops over images."""
+def accuracy_curve(variant: str, method: str, test: str, orders: tuple[int, ...] | None = None
+                   ) -> list[tuple[float, float]]:
+    """(kept fraction, accuracy in [0, 1]) per kept count, by loops over the method's orders
+    (default: all; the mean of the per-order accuracies) and images."""
+    orders = tuple(range(ORDERS.get(method, 1))) if orders is None else orders
     points = []
     for n in KEPT:
-        flags = [correct(variant, method, test, i, n) for i in range(len(IMAGES))]
-        points.append((n / N, sum(flags) / len(flags)))
+        per_order = []
+        for order in orders:
+            flags = [correct(variant, method, test, i, n, order) for i in range(len(IMAGES))]
+            per_order.append(sum(flags) / len(flags))
+        points.append((n / N, sum(per_order) / len(per_order)))
     return points
 
 
@@ -154,8 +171,10 @@ def trapezoid(points: list[tuple[float, float]]) -> float:
 
 
 def reference(points: list[tuple[float, float]]) -> float:
+    """METHOD §6 on the written points: mean acc over 1 <= n <= N-1, times (N-1)/N, over max acc."""
     peak = max(y for _, y in points)
-    return sum(y for _, y in points) / (len(points) * peak) if peak > 0 else 0.0
+    inside = [y for x, y in points if 1 <= round(x * N) <= N - 1]
+    return sum(inside) / len(inside) * (N - 1) / N / peak if peak > 0 and inside else 0.0
 
 
 def test_deletion_curves(explain_results: Path):
@@ -167,9 +186,16 @@ def test_deletion_curves(explain_results: Path):
         flags = [correct(row["variant"], row["method"], row["test"], i, row["kept_tokens"]) for i in range(len(IMAGES))]
         assert row["images"] == len(IMAGES)
         assert row["kept_fraction"] == pytest.approx(row["kept_tokens"] / N)
-        assert row["accuracy_pct"] == pytest.approx(100 * sum(flags) / len(flags))
+        curve = dict(accuracy_curve(row["variant"], row["method"], row["test"]))
+        assert row["accuracy_pct"] == pytest.approx(100 * curve[row["kept_tokens"] / N])
+        if row["method"] != "random":
+            assert row["accuracy_pct"] == pytest.approx(100 * sum(flags) / len(flags))
     by_hand = [r["accuracy_pct"] for r in got if (r["variant"], r["method"], r["test"]) == ("toy", "ours", "negative")]
     assert by_hand == pytest.approx([0.0, 200 / 3, 100.0, 100.0])
+    # `toy`'s random, negative test: order 0 has 1, 1, 0, 1 and order 1 has 1, 2, 3, 1 of 3 correct
+    random = [r["accuracy_pct"] for r in got if (r["variant"], r["method"], r["test"]) == ("toy", "random", "negative")]
+    assert random == pytest.approx([100 / 3, 50.0, 50.0, 100 / 3])
+    assert {r["method"] for r in got if r["variant"] == "toy"} >= {"linear_probe"}  # experiment 'probe'
 
 
 def test_auc_trapezoid_reference_and_random(explain_results: Path):
@@ -179,6 +205,7 @@ def test_auc_trapezoid_reference_and_random(explain_results: Path):
     for row in got:
         points = accuracy_curve(row["variant"], row["method"], row["test"])
         assert (row["images"], row["points"]) == (len(IMAGES), len(KEPT))
+        assert row["orders"] == ORDERS.get(row["method"], 1)
         assert row["auc"] == pytest.approx(trapezoid(points))
         assert row["reference_auc"] == pytest.approx(reference(points))
         if "random" in METHODS[row["variant"]]:
@@ -188,15 +215,22 @@ def test_auc_trapezoid_reference_and_random(explain_results: Path):
     auc = {(r["variant"], r["method"], r["test"]): r for r in got}
     # By hand: fractions 0, .25, .75, 1 and accuracy 0, 2/3, 1, 1 ->
     # .25 * (0 + 2/3) / 2 + .5 * (2/3 + 1) / 2 + .25 * (1 + 1) / 2 = 1/12 + 5/12 + 3/12 = 0.75
-    # (even spacing 0, 1/3, 2/3, 1 would give 13/18); reference (8/3) / (4 * 1) = 2/3.
+    # (even spacing 0, 1/3, 2/3, 1 would give 13/18); reference: the interior points n = 1, 3
+    # -> mean(2/3, 1) * (N - 1) / N / max = 5/6 * 3/4 / 1 = 5/8 (the old sum / (K max) gave 2/3).
     assert auc[("toy", "ours", "negative")]["auc"] == pytest.approx(0.75)
-    assert auc[("toy", "ours", "negative")]["reference_auc"] == pytest.approx(2 / 3)
+    assert auc[("toy", "ours", "negative")]["reference_auc"] == pytest.approx(5 / 8)
     assert auc[("small", "chefer", "positive")]["auc"] == 0 and auc[("small", "chefer", "positive")]["reference_auc"] == 0
-    # `toy`'s random order, negative test: (img * (n + 1) + 2) % 4 < 2 -> 1, 1, 0, 1 of 3 images correct
-    # -> .25 * (1/3 + 1/3) / 2 + .5 * (1/3 + 0) / 2 + .25 * (0 + 1/3) / 2 = 5/24; its max is 1/3 -> 3 / 4 = .75.
-    assert auc[("toy", "random", "negative")]["auc"] == pytest.approx(5 / 24)
+    # `toy`'s random, negative test, (img * (n + 1) + 2 + 3 * order) % 4 < 2: order 0 has 1, 1, 0, 1
+    # of 3 images correct (AUC 5/24), order 1 has 1, 2, 3, 1 (AUC 1/8 + 5/12 + 1/6 = 17/24). The
+    # mean curve 1/3, 1/2, 1/2, 1/3 -> .25 * (5/6) / 2 + .5 * 1 / 2 + .25 * (5/6) / 2 = 11/24, the
+    # mean of the two orders' AUCs; reference: mean(1/2, 1/2) * 3/4 / (1/2) = .75.
+    assert auc[("toy", "random", "negative")]["auc"] == pytest.approx(11 / 24)
+    assert auc[("toy", "random", "negative")]["auc"] == pytest.approx(
+        (trapezoid(accuracy_curve("toy", "random", "negative", (0,)))
+         + trapezoid(accuracy_curve("toy", "random", "negative", (1,)))) / 2)
     assert auc[("toy", "random", "negative")]["reference_auc"] == pytest.approx(0.75)
-    assert auc[("toy", "ours", "negative")]["random_auc"] == pytest.approx(5 / 24)
+    assert auc[("toy", "ours", "negative")]["random_auc"] == pytest.approx(11 / 24)
+    assert auc[("toy", "linear_probe", "negative")]["random_auc"] == pytest.approx(11 / 24)
 
 
 def test_importance_by_block(explain_results: Path):

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vitlens.cli.demo",
     "vitlens.cli.query",
     "vitlens.cli.report",
+    "vitlens.cli.show",
     "vitlens.cli.explain",
 )
 

@@ -12,9 +12,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "demo",
         help="build the shapes shards, run the zoo job, write the report, print the headline numbers",
         description=(
-            "Writes the embedded shapes set as shards (OUT/shards), runs the demo job "
-            "(zoo models and their random twins, every Section 5-7 experiment) into OUT/results, "
-            "writes the report (tables, figures, index.html) into OUT/report and prints Table 1. "
+            "Writes the embedded shapes sets as shards (OUT/shards: the harder validation split; "
+            "OUT/shards-train: the probes' training split; OUT/shards-context0: uninformative "
+            "context), runs the demo job (zoo models and their random twins, every Section 5-8 "
+            "experiment) into OUT/results and the baseline on uninformative context into "
+            "OUT/results-context0, writes the reports (OUT/report, OUT/report-context0) and prints Table 1. "
             "Re-running resumes: shards and finished (variant, shard) pairs are kept."
         ),
     )
@@ -28,30 +30,36 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 def _demo(args: argparse.Namespace) -> int:
     from vitlens.cli import main as cli_main
     from vitlens.report.build import build_report
+    from vitlens.report.gallery import GallerySelection
     from vitlens.report.queries import find_query, format_table, run_query
     from vitlens.report.results import open_results
-    from vitlens.runner.demo import DEMO_SHAPES, DEMO_VARIANTS, demo_job
+    from vitlens.runner.demo import DEMO_SHAPES, DEMO_VARIANTS, context0_job, demo_job, shapes_arguments
     from vitlens.runner.driver import run_job
 
-    shards = args.out / "shards"
-    if not (shards / "manifest.json").is_file():
-        code = cli_main([
-            "shards", "shapes", "--classes", str(DEMO_SHAPES["classes"]),
-            "--per-class", str(DEMO_SHAPES["per_class"]), "--size", str(DEMO_SHAPES["size"]),
-            "--seed", str(DEMO_SHAPES["seed"]), "--out", str(shards), "--overwrite",
-        ])
-        if code != 0:
-            return code
-    job = demo_job(args.out, tuple(args.variants) if args.variants else DEMO_VARIANTS)
-    report = run_job(job, progress=not args.no_progress)
-    print(f"\njob: {report.shards_done} shard×variant analysed, {report.shards_skipped} already done, "
-          f"{len(report.failures)} failed, {report.wall_seconds:.1f} s on {report.actors} {report.device} actor(s)")
+    for folder in DEMO_SHAPES:
+        shards = args.out / folder
+        if not (shards / "manifest.json").is_file():
+            code = cli_main(["shards", "shapes", *shapes_arguments(folder), "--out", str(shards), "--overwrite"])
+            if code != 0:
+                return code
+    variants = tuple(args.variants) if args.variants else DEMO_VARIANTS
+    failures = 0
+    for job in (demo_job(args.out, variants), context0_job(args.out, variants)):
+        report = run_job(job, progress=not args.no_progress)
+        failures += len(report.failures)
+        print(f"\njob {job.name}: {report.shards_done} shard×variant analysed, {report.shards_skipped} already "
+              f"done, {len(report.failures)} failed, {report.wall_seconds:.1f} s on {report.actors} "
+              f"{report.device} actor(s)")
+    job = demo_job(args.out, variants)
     con = open_results(job.output)
     for name in ("table1_identifiability", "images_with_identifiable_token"):
         query = find_query(name)
         print(f"\n{query.title}:\n")
         print(format_table(run_query(con, query)))
-    files = build_report(job.output, args.out / "report", progress=not args.no_progress)
+    files = build_report(job.output, args.out / "report", progress=not args.no_progress, gallery=GallerySelection())
+    context0 = build_report(context0_job(args.out, variants).output, args.out / "report-context0",
+                            progress=not args.no_progress)
     print(f"\nParquet results: {job.output}  (query them: vitlens query --list / --shell --results {job.output})")
     print(f"Report: {files.html}  ({len(files.tables)} tables, {len(files.figures)} figures; Markdown: {files.markdown})")
-    return 3 if report.failures else 0
+    print(f"Uninformative context (Fig. 3a the other way): {context0.html}")
+    return 3 if failures else 0

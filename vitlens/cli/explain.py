@@ -1,5 +1,7 @@
-"""`vitlens explain IMAGE --variant NAME [--class C] [--blocks ...] --out DIR`: heatmaps of the
-block- and head-specific class-embedding gradients (paper §7) and of their global sum."""
+"""`vitlens explain IMAGE --variant NAME [--class C] [--blocks ...] [--ln live|frozen]
+[--loss ce|logit] --out DIR`: heatmaps of the block- and head-specific class-embedding
+gradients (paper §7) and of their global sum. `--ln frozen` / `--loss logit` are beyond the
+paper (the final norm's scale detached / the class logit as the target), never the default."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from vitlens.errors import UserError
+from vitlens.settings import EXPLAIN_LN, EXPLAIN_LOSSES
 
 
 def _class_index(choice: str | None, class_names: list[str]) -> int | None:
@@ -27,6 +30,7 @@ def explain_command(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
 
+    from vitlens.explain.evaluate import ours_method_name
     from vitlens.explain.gradients import block_head_importance, global_importance
     from vitlens.explain.heatmaps import save_heatmap, token_grid
     from vitlens.models.registry import load_variant
@@ -52,20 +56,23 @@ def explain_command(args: argparse.Namespace) -> int:
     bad = [b for b in blocks if not 1 <= b <= num_blocks]
     if bad:
         raise UserError(f"--blocks {bad}: the variant has blocks 1..{num_blocks}")
-    importance = block_head_importance(model, images, torch.tensor([chosen]), args.source)[0]  # [L, H, N]
+    importance = block_head_importance(model, images, torch.tensor([chosen]), args.source,
+                                       ln=args.ln, loss=args.loss)[0]  # [L, H, N]
     grid_size = tuple(model.patch_embed.grid_size)
     display = np.asarray(picture.resize((images.shape[-1], images.shape[-2])))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     label = loaded.class_names[chosen]
+    method = ours_method_name(args.ln, args.loss)
+    title = label if method == "ours" else f"{label}, {method}"
     written = [save_heatmap(display, token_grid(global_importance(importance[None])[0].numpy(), grid_size),
-                            f"global (all blocks, heads): {label}", out_dir / "global.png")]
+                            f"global (all blocks, heads): {title}", out_dir / "global.png")]
     for block in blocks:
         for head in range(importance.shape[1]):
             written.append(save_heatmap(
                 display, token_grid(importance[block - 1, head].numpy(), grid_size),
-                f"block {block} head {head + 1}: {label}", out_dir / f"block{block:02d}_head{head + 1:02d}.png"))
-    print(f"class of interest: {chosen} ({label}); wrote {len(written)} heatmaps to {out_dir}")
+                f"block {block} head {head + 1}: {title}", out_dir / f"block{block:02d}_head{head + 1:02d}.png"))
+    print(f"class of interest: {chosen} ({label}); method {method}; wrote {len(written)} heatmaps to {out_dir}")
     return 0
 
 
@@ -87,5 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--source", choices=("resid", "attn"), default="resid",
                         help="CLS token of the residual stream after the block (paper) or of the "
                              "attention sub-layer output (reference code)")
+    parser.add_argument("--ln", choices=EXPLAIN_LN, default="live",
+                        help="final norm's scale in the backward: live (the paper) or frozen (detached, "
+                             "as in direct logit attribution; beyond the paper)")
+    parser.add_argument("--loss", choices=EXPLAIN_LOSSES, default="ce",
+                        help="per-block target: ce (the paper: cross-entropy on logits) or logit (the class "
+                             "of interest's logit; beyond the paper)")
     parser.add_argument("--out", required=True, help="output directory for the PNGs")
     parser.set_defaults(func=explain_command)

@@ -10,7 +10,15 @@ from typing import Any
 from vitlens import __version__
 from vitlens.data.class_names import imagenet1k_class_names
 from vitlens.data.imagenet_s import VARIANTS, ImageNetSConverter
-from vitlens.data.shapes import DEFAULT_NUM_CLASSES, SPLIT_IDS, shapes_class_names
+from vitlens.data.shapes import (
+    DEFAULT_DIFFICULTY,
+    DEFAULT_NUM_CLASSES,
+    MAX_DISTRACTORS,
+    SHAPES_DIFFICULTIES,
+    SPLIT_IDS,
+    shapes_class_names,
+    shapes_difficulty,
+)
 from vitlens.data.shapes_samples import SHAPES_DATASET, iter_shapes_encoded
 from vitlens.data.shard_writer import DEFAULT_SHARD_SIZE, ShardSummary, write_shards
 
@@ -19,6 +27,7 @@ EXIT_SOME_REJECTED: int = 3
 _EPILOG = """\
 examples:
   vitlens shards shapes --classes 20 --per-class 10 --size 64 --seed 0 --out data/shapes
+  vitlens shards shapes --difficulty hard --seed 0 --out data/shapes_hard
   vitlens shards imagenet-s --root /data/ImageNet-S --variant 919 --split validation \\
       --per-class 5 --seed 0 --out data/imagenet_s919
   vitlens shards imagenet-s --root /data/ImageNet-S --variant 919 --split validation \\
@@ -91,8 +100,40 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     shapes.add_argument(
         "--split", choices=sorted(SPLIT_IDS), default="validation", help="split (default validation)"
     )
+    _add_difficulty_options(shapes)
     _add_output_options(shapes)
     shapes.set_defaults(func=run_shapes)
+
+
+def _add_difficulty_options(parser: argparse.ArgumentParser) -> None:
+    """`--difficulty` and the knobs it sets (a knob given explicitly overrides the preset)."""
+    hard = SHAPES_DIFFICULTIES["hard"]
+    group = parser.add_argument_group(
+        "difficulty", "harder settings (docs/shapes.md); the defaults give the standard set"
+    )
+    group.add_argument(
+        "--difficulty", choices=sorted(SHAPES_DIFFICULTIES), default=DEFAULT_DIFFICULTY,
+        help=(
+            f"preset of the knobs below (default {DEFAULT_DIFFICULTY}; hard: "
+            + ", ".join(f"{key} {value}" for key, value in hard.items()) + ")"
+        ),
+    )
+    group.add_argument(
+        "--occlusion", type=float, default=None, metavar="F",
+        help="share of the object's pixels hidden by a dark bar, in [0, 1) (they become context)",
+    )
+    group.add_argument(
+        "--noise", type=float, default=None, metavar="STD",
+        help="std of Gaussian pixel noise as a share of the 0..255 range, in [0, 1]",
+    )
+    group.add_argument(
+        "--contrast", type=float, default=None, metavar="F",
+        help="blend every pixel towards the background texture: 1 = unchanged, in (0, 1]",
+    )
+    group.add_argument(
+        "--distractors", type=int, default=None, metavar="N",
+        help=f"smaller shapes of other classes under the object (context), 0..{MAX_DISTRACTORS}",
+    )
 
 
 def _per_class(text: str) -> int | None:
@@ -150,8 +191,11 @@ def run_imagenet_s(args: argparse.Namespace) -> int:
 def run_shapes(args: argparse.Namespace) -> int:
     """Generate the shapes set into shards."""
     class_names = shapes_class_names(args.classes)  # validates --classes
+    knobs = shapes_difficulty(args.difficulty, args.occlusion, args.noise, args.contrast, args.distractors)
+    vars(args).update(knobs)  # the manifest records the values used, not None
     samples = iter_shapes_encoded(
-        args.classes, args.per_class, args.size, args.seed, args.split, args.context_correlation
+        args.classes, args.per_class, args.size, args.seed, args.split, args.context_correlation,
+        args.difficulty, **knobs,
     )
     summary = write_shards(
         samples, args.out, SHAPES_DATASET, args.split, class_names, _created_by(args),

@@ -21,6 +21,16 @@ darker, smoothly textured background:
 - mask: exact per pixel (no anti-aliasing): `object_mask` is True exactly where the
   object's colour was painted.
 
+Harder settings (`SHAPES_DIFFICULTIES`; all off by default, which leaves the output
+byte-identical to the standard set): `distractors` smaller shapes of *other* classes
+painted under the object (context: mask False, id 0 in shards), an `occlusion` bar that
+hides that fraction of the object's pixels (the hidden pixels show the bar and are
+context, so the mask marks exactly the visible object), `contrast` < 1 that blends every
+pixel towards the background texture, and Gaussian pixel `noise` (std, in units of the
+0..255 range). The extra randomness comes from generators seeded by one number drawn
+from `rng` AFTER every standard draw, and only when some knob is on, so a hard sample is
+its standard sample plus perturbations. Details: docs/shapes.md.
+
 Determinism: sample `i` of class `k` in a split is drawn from
 `np.random.default_rng([seed, SPLIT_IDS[split], k, i])`, so any subset can be
 regenerated without generating the rest. Rendering is vectorised numpy (thousands
@@ -50,6 +60,21 @@ BACKGROUND_VALUE_RANGE: tuple[float, float] = (0.2, 0.35)
 RADIUS_FRACTION_RANGE: tuple[float, float] = (0.24, 0.4)
 MAX_ROTATION_RAD: float = np.deg2rad(20.0)
 OBJECT_HUE_JITTER: float = 0.02
+
+# Harder settings. Each knob's "standard" value leaves the generator's output unchanged.
+SHAPES_KNOBS: tuple[str, ...] = ("occlusion", "noise", "contrast", "distractors")
+SHAPES_DIFFICULTIES: dict[str, dict[str, float]] = {
+    "standard": {"occlusion": 0.0, "noise": 0.0, "contrast": 1.0, "distractors": 0},
+    # Tuned so that each zoo model misclassifies 15-30 % of the demo's split (20 classes x
+    # 10, size 64, validation, c = 0.5) at seeds 0 and 1; measured rates in docs/shapes.md.
+    "hard": {"occlusion": 0.2, "noise": 0.36, "contrast": 0.9, "distractors": 0},
+}
+DEFAULT_DIFFICULTY: str = "standard"
+MAX_DISTRACTORS: int = 8
+# A distractor's radius as a fraction of the image side (the object's is 0.24-0.4).
+DISTRACTOR_RADIUS_RANGE: tuple[float, float] = (0.12, 0.2)
+# Independent streams of the perturbations (seeded by one draw after the standard ones).
+_STREAM_DISTRACTORS, _STREAM_OCCLUSION, _STREAM_NOISE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -148,14 +173,158 @@ def typical_object_hue(class_index: int) -> float:
     return (class_index * 0.6180339887) % 1.0
 
 
+def shapes_difficulty(
+    difficulty: str = DEFAULT_DIFFICULTY,
+    occlusion: float | None = None,
+    noise: float | None = None,
+    contrast: float | None = None,
+    distractors: int | None = None,
+) -> dict[str, float]:
+    """The knobs of preset `difficulty` with the given ones overriding it, validated.
+
+    Returns `{"occlusion", "noise", "contrast", "distractors"}` (distractors an int).
+    """
+    if difficulty not in SHAPES_DIFFICULTIES:
+        raise UserError(
+            f"shapes: unknown difficulty {difficulty!r}; expected one of {sorted(SHAPES_DIFFICULTIES)}"
+        )
+    knobs = dict(SHAPES_DIFFICULTIES[difficulty])
+    given = {"occlusion": occlusion, "noise": noise, "contrast": contrast, "distractors": distractors}
+    knobs.update({key: value for key, value in given.items() if value is not None})
+    _check_knobs(knobs)
+    knobs["distractors"] = int(knobs["distractors"])
+    return knobs
+
+
+def _check_knobs(knobs: dict[str, float]) -> None:
+    """Raise UserError for a knob outside its range."""
+    if not 0.0 <= knobs["occlusion"] < 1.0:
+        raise UserError(f"shapes: occlusion must be in [0, 1), got {knobs['occlusion']}")
+    if not 0.0 <= knobs["noise"] <= 1.0:
+        raise UserError(f"shapes: noise must be in [0, 1], got {knobs['noise']}")
+    if not 0.0 < knobs["contrast"] <= 1.0:
+        raise UserError(f"shapes: contrast must be in (0, 1], got {knobs['contrast']}")
+    count = knobs["distractors"]
+    if not (float(count).is_integer() and 0 <= count <= MAX_DISTRACTORS):
+        raise UserError(
+            f"shapes: distractors must be a whole number in 0..{MAX_DISTRACTORS}, got {count}"
+        )
+
+
+def is_standard(knobs: dict[str, float]) -> bool:
+    """True when every knob has its standard value (the output is the standard set's)."""
+    return all(knobs[key] == SHAPES_DIFFICULTIES["standard"][key] for key in SHAPES_KNOBS)
+
+
+def _object_frame(
+    size: int, cx: float, cy: float, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in a frame centred at (cx, cy), rotated by theta -> (u, v) [S, S]."""
+    coords = np.arange(size) + 0.5
+    dx = coords[None, :] - cx
+    dy = coords[:, None] - cy
+    return dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+
+
+def _paint_distractors(
+    background: np.ndarray,
+    class_index: int,
+    num_classes: int,
+    count: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Paint `count` smaller shapes of other classes (their colour model) onto `background`."""
+    size = background.shape[0]
+    period = max(4.0, size / 8.0)
+    canvas = background
+    for _ in range(count):
+        other = int(rng.integers(num_classes - 1))
+        other += other >= class_index  # any class but the object's
+        radius = rng.uniform(*DISTRACTOR_RADIUS_RANGE) * size
+        cx, cy = rng.uniform(0.9 * radius, size - 0.9 * radius, size=2)
+        u_px, v_px = _object_frame(size, cx, cy, rng.uniform(-MAX_ROTATION_RAD, MAX_ROTATION_RAD))
+        inside = _shape_mask(SHAPES[other // len(PATTERNS)], u_px / radius, v_px / radius)
+        hue = typical_object_hue(other) + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER)
+        tone_a = _hsv_to_rgb(hue, rng.uniform(0.45, 0.9), rng.uniform(*OBJECT_VALUE_RANGE))
+        phase_u, phase_v = rng.uniform(0, period, size=2)
+        second = _pattern_second_tone(
+            PATTERNS[other % len(PATTERNS)], u_px + phase_u, v_px + phase_v, period
+        )
+        colour = np.where(second[:, :, None], OBJECT_SECOND_TONE * tone_a, tone_a)
+        canvas = np.where(inside[:, :, None], colour, canvas)
+    return canvas
+
+
+def _occluder_band(
+    object_mask: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A straight bar across the image that covers `fraction` of the object's pixels -> [S, S] bool.
+
+    The bar has a random direction; its two edges are quantiles of the object pixels'
+    positions across it, at a random offset, so it hides (up to pixel rounding) exactly
+    that share of the object.
+    """
+    size = object_mask.shape[0]
+    phi = rng.uniform(0.0, np.pi)
+    coords = np.arange(size) + 0.5
+    across = coords[None, :] * np.cos(phi) + coords[:, None] * np.sin(phi)  # [S, S]
+    start = rng.uniform(0.0, 1.0 - fraction)
+    lo, hi = np.quantile(across[object_mask], [start, start + fraction])
+    return (across >= lo) & (across <= hi)
+
+
+def _occluder_colour(rng: np.random.Generator) -> np.ndarray:
+    """A flat, dark colour in the background's value range (every channel < 90) -> [3]."""
+    return _hsv_to_rgb(rng.random(), rng.uniform(0.2, 0.6), rng.uniform(*BACKGROUND_VALUE_RANGE))
+
+
+def _perturb(
+    background: np.ndarray,
+    object_mask: np.ndarray,
+    foreground: np.ndarray,
+    class_index: int,
+    num_classes: int,
+    knobs: dict[str, float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compose a harder sample: distractors, object, occluder, contrast, noise -> (float image, mask).
+
+    One number drawn from `rng` seeds an independent stream per perturbation, so e.g.
+    the distractors of a sample do not change when only `noise` changes.
+    """
+    base = int(rng.integers(2**63))
+    streams = [np.random.default_rng([base, stream]) for stream in range(3)]
+    count = int(knobs["distractors"])
+    scene = _paint_distractors(background, class_index, num_classes, count, streams[_STREAM_DISTRACTORS])
+    image = np.where(object_mask[:, :, None], foreground, scene)
+    if knobs["occlusion"] > 0:
+        band = _occluder_band(object_mask, knobs["occlusion"], streams[_STREAM_OCCLUSION])
+        image = np.where(band[:, :, None], _occluder_colour(streams[_STREAM_OCCLUSION]), image)
+        object_mask = object_mask & ~band
+    if knobs["contrast"] < 1:
+        image = background + knobs["contrast"] * (image - background)
+    if knobs["noise"] > 0:
+        image = image + 255.0 * knobs["noise"] * streams[_STREAM_NOISE].standard_normal(image.shape)
+    return np.clip(image, 0.0, 255.0), object_mask
+
+
 def render_shapes_sample(
     class_index: int,
     num_classes: int,
     size: int,
     rng: np.random.Generator,
     context_correlation: float,
+    *,
+    occlusion: float = 0.0,
+    noise: float = 0.0,
+    contrast: float = 1.0,
+    distractors: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one sample of class `class_index`; returns (image [S,S,3] uint8, mask [S,S] bool)."""
+    """Render one sample of class `class_index`; returns (image [S,S,3] uint8, mask [S,S] bool).
+
+    With every knob at its standard value (`SHAPES_DIFFICULTIES["standard"]`) no random
+    number beyond the standard ones is drawn and the output is the standard set's.
+    """
     _check_num_classes(num_classes)
     if not 0 <= class_index < num_classes:
         raise UserError(f"shapes: class_index {class_index} outside 0..{num_classes - 1}")
@@ -163,6 +332,8 @@ def render_shapes_sample(
         raise UserError(f"shapes: context_correlation must be in [0, 1], got {context_correlation}")
     if size < 16:
         raise UserError(f"shapes: size must be at least 16 pixels, got {size}")
+    knobs = {"occlusion": occlusion, "noise": noise, "contrast": contrast, "distractors": distractors}
+    _check_knobs(knobs)
     shape = SHAPES[class_index // len(PATTERNS)]
     pattern = PATTERNS[class_index % len(PATTERNS)]
 
@@ -178,11 +349,7 @@ def render_shapes_sample(
     margin = 0.9 * radius
     cx, cy = rng.uniform(margin, size - margin, size=2)
     theta = rng.uniform(-MAX_ROTATION_RAD, MAX_ROTATION_RAD)
-    coords = np.arange(size) + 0.5
-    dx = coords[None, :] - cx
-    dy = coords[:, None] - cy
-    u_px = dx * np.cos(theta) + dy * np.sin(theta)
-    v_px = -dx * np.sin(theta) + dy * np.cos(theta)
+    u_px, v_px = _object_frame(size, cx, cy, theta)
     object_mask = _shape_mask(shape, u_px / radius, v_px / radius)
 
     # Object colour: two tones of one bright colour.
@@ -194,7 +361,12 @@ def render_shapes_sample(
     second = _pattern_second_tone(pattern, u_px + phase_u, v_px + phase_v, period)
     foreground = np.where(second[:, :, None], tone_b, tone_a)  # [S, S, 3]
 
-    image = np.where(object_mask[:, :, None], foreground, background)
+    if is_standard(knobs):
+        image = np.where(object_mask[:, :, None], foreground, background)
+    else:
+        image, object_mask = _perturb(
+            background, object_mask, foreground, class_index, num_classes, knobs, rng
+        )
     return np.round(image).astype(np.uint8), object_mask
 
 
@@ -205,18 +377,29 @@ def iter_shapes_samples(
     seed: int,
     split: str,
     context_correlation: float = 0.5,
+    difficulty: str = DEFAULT_DIFFICULTY,
+    *,
+    occlusion: float | None = None,
+    noise: float | None = None,
+    contrast: float | None = None,
+    distractors: int | None = None,
 ) -> Iterator[ShapesSample]:
-    """Yield `per_class` samples of every class, interleaved (sample i of class 0..K-1, then i+1)."""
+    """Yield `per_class` samples of every class, interleaved (sample i of class 0..K-1, then i+1).
+
+    `difficulty` names a preset of `SHAPES_DIFFICULTIES`; a knob given explicitly
+    overrides the preset's value (see `shapes_difficulty`).
+    """
     if split not in SPLIT_IDS:
         raise UserError(f"shapes: unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
     if per_class < 0:
         raise UserError(f"shapes: per_class must be >= 0, got {per_class}")
+    knobs = shapes_difficulty(difficulty, occlusion, noise, contrast, distractors)
     names = shapes_class_names(num_classes)
     for i in range(per_class):
         for class_index in range(num_classes):
             rng = np.random.default_rng([seed, SPLIT_IDS[split], class_index, i])
             image, mask = render_shapes_sample(
-                class_index, num_classes, size, rng, context_correlation
+                class_index, num_classes, size, rng, context_correlation, **knobs
             )
             yield ShapesSample(
                 key=f"shapes-{split}-{class_index:03d}-{i:05d}",

@@ -1,5 +1,7 @@
 """Baseline token importances on the same images (METHOD §6): Chefer et al. 2021 relevancy,
-raw last-block CLS attention, attention rollout (Abnar & Zuidema 2020), random order.
+raw last-block CLS attention, attention rollout (Abnar & Zuidema 2020), random order
+(`random_orders`: R seeded orders; the `explain` experiment's random baseline is the mean
+curve over them, `vitlens.explain.evaluate`).
 
 All read the CLS row over image tokens; higher = more important.
 """
@@ -72,13 +74,25 @@ def attention_rollout(probs: torch.Tensor, num_prefix_tokens: int) -> torch.Tens
     return rollout[:, 0, num_prefix_tokens:]
 
 
+def random_orders(batch: int, num_image_tokens: int, seed: int, orders: int = 1) -> torch.Tensor:
+    """`orders` seeded random orders per image (the ranks of random permutations), all drawn
+    from ONE generator seeded with `seed`: order 0 is `random_importance(batch, N, seed)`.
+
+    # -> importance: [R, B, N] (R = orders; each [b] row a permutation of 0..N-1 as floats)
+    """
+    if orders < 1:
+        raise ValueError(f"random orders must be >= 1, got {orders}")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.rand(orders, batch, num_image_tokens, generator=generator)
+    return draws.argsort(dim=2).argsort(dim=2).float()
+
+
 def random_importance(batch: int, num_image_tokens: int, seed: int) -> torch.Tensor:
     """A seeded random order (a random permutation's ranks) per image.
 
     # -> importance: [B, N]
     """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, num_image_tokens, generator=generator).argsort(dim=1).argsort(dim=1).float()
+    return random_orders(batch, num_image_tokens, seed, 1)[0]
 
 
 def baseline_importances(

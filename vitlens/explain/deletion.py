@@ -4,7 +4,8 @@ Tokens are ranked by importance; for n = 0..N the image keeps its prefix tokens 
 the n most (negative test) or least (positive test) important image tokens (METHOD §4
 token removal: the others are dropped from the sequence after the position embedding).
 n = 0 is the prefix only. AUC = trapezoid area of top-1 accuracy over the kept fraction
-n/N ∈ [0, 1]; the reference code's normalisation is Σ_n acc_n / ((N+1) · max_n acc_n).
+n/N ∈ [0, 1]; the reference code's normalisation (METHOD §6, its `plots/explainability.py`)
+is Σ_{n=1}^{N−1} acc_n / (N · max acc): n = 0 and n = N are left out of the sum.
 
 Every n costs one forward of the batch on a sequence of P + n tokens, so a curve costs
 about (N+1)/2 full forwards per method and test (B/16: ~99). `kept_token_counts(N, points)` picks an evenly spaced subset (always with 0 and
@@ -84,10 +85,29 @@ def curve_auc(accuracy: torch.Tensor, kept_fraction: torch.Tensor | None = None)
     return float(torch.trapezoid(accuracy.double(), kept_fraction.double()))
 
 
-def reference_normalised_auc(accuracy: torch.Tensor) -> float:
-    """The reference code's normalisation Σ acc / ((N+1) · max acc) (0 when accuracy is all 0).
+def reference_normalised_auc(
+    accuracy: torch.Tensor,
+    kept_counts: torch.Tensor | None = None,
+    num_image_tokens: int | None = None,
+) -> float:
+    """The reference code's normalisation Σ_{n=1}^{N−1} acc_n / (N · max acc) (METHOD §6).
 
-    # accuracy: [N+1] -> scalar
+    Defined on the points with 1 <= n <= N−1 as `mean(acc_n over those points) · (N−1)/N /
+    max(acc over all points)`: exact when every n = 0..N was run, the same estimate from the
+    interior points of a subset (`curve_points`). 0 when the accuracy is 0 everywhere or no
+    point lies inside. Defaults: `kept_counts` = 0..K−1 and N = K−1 (every n was run).
+
+    # accuracy: [K], kept_counts: [K] int -> scalar
     """
+    if kept_counts is None:
+        kept_counts = torch.arange(accuracy.shape[0])
+    if num_image_tokens is None:
+        num_image_tokens = accuracy.shape[0] - 1
+    accuracy = accuracy.double().cpu()
+    kept_counts = kept_counts.cpu()
     peak = float(accuracy.max())
-    return float(accuracy.double().sum()) / (accuracy.shape[0] * peak) if peak > 0 else 0.0
+    inside = (kept_counts >= 1) & (kept_counts <= num_image_tokens - 1)  # [K] bool
+    if peak <= 0 or not bool(inside.any()):
+        return 0.0
+    mean_inside = float(accuracy[inside].mean())
+    return mean_inside * (num_image_tokens - 1) / num_image_tokens / peak

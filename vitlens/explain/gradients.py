@@ -14,21 +14,36 @@ continues to block b+1 untouched.
 The branch losses are summed and back-propagated once: the gradient on leaf b contains
 `ℓ_b` only — never the later losses `ℓ_{b'>b}` (tests compare against a separate
 `torch.autograd.grad` per block on the full graph).
+
+Beyond the paper (options, never the default; METHOD §6's verified finding):
+- `ln="frozen"`: the per-token scale of the model's final norm(s) — `model.norm` and
+  `model.fc_norm`, the norms `adapter.project` applies (LayerNorm's 1/σ, RmsNorm's 1/rms) — is
+  detached in the backward, as in direct logit attribution. The forward values are unchanged;
+  the blocks' own norms (and an attention pool's internal norm) stay live.
+- `loss="logit"`: `ℓ_b = −logit_c(proj(x_cls^b))` instead of the CE; importance stays
+  `−∂ℓ_b/∂a` (= `+∂logit_c/∂a`), so higher still means more supportive of c.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import norm as timm_norm
 
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
 from vitlens.lens.families import adapter_for
+from vitlens.settings import EXPLAIN_LN, EXPLAIN_LOSSES
 
 GradientSource = Literal["resid", "attn"]
 GRADIENT_SOURCES: tuple[str, ...] = ("resid", "attn")
+NormScale = Literal["live", "frozen"]
+GradientLoss = Literal["ce", "logit"]
+#: The head-path norms `ln="frozen"` acts on (attribute names on the timm model).
+FINAL_NORMS: tuple[str, ...] = ("norm", "fc_norm")
 
 
 def require_autograd() -> None:
@@ -45,25 +60,164 @@ def require_class_token(anatomy: ViTAnatomy) -> None:
         raise UserError(f"explainability does not apply to this model: {reason}")
 
 
+def check_explain_options(source: str = "resid", ln: str = "live", loss: str = "ce") -> None:
+    """Raise `UserError` naming an unknown gradient source, norm mode or loss."""
+    if source not in GRADIENT_SOURCES:
+        raise UserError(f"unknown gradient source {source!r}: use one of {GRADIENT_SOURCES}")
+    if ln not in EXPLAIN_LN:
+        raise UserError(f"unknown ln {ln!r}: use one of {EXPLAIN_LN}")
+    if loss not in EXPLAIN_LOSSES:
+        raise UserError(f"unknown loss {loss!r}: use one of {EXPLAIN_LOSSES}")
+
+
+# ---- the final norm with its scale detached -------------------------------------------------
+def _norm_dims(norm: torch.nn.Module) -> tuple[int, ...]:
+    """The trailing dimensions a norm normalises over (its `normalized_shape`)."""
+    return tuple(range(-len(norm.normalized_shape), 0))
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision computed in float32 (as timm's *Fp32 norms); float32 / float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _frozen_layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm `(x − μ) · [1/√(σ² + ε)] · w + b` with the bracket detached (μ stays live).
+
+    # x: [..., d] -> [..., d]
+    """
+    dims = _norm_dims(norm)
+    h = _upcast(x)
+    centred = h - h.mean(dim=dims, keepdim=True)
+    scale = torch.rsqrt(h.var(dim=dims, unbiased=False, keepdim=True) + norm.eps).detach()
+    out = centred * scale
+    if norm.weight is not None:
+        out = out * norm.weight.to(h.dtype)
+    if norm.bias is not None:
+        out = out + norm.bias.to(h.dtype)
+    return out.to(x.dtype)
+
+
+def _frozen_rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RmsNorm `x · [1/√(mean x² + ε)] · w` with the bracket detached.
+
+    # x: [..., d] -> [..., d]
+    """
+    dims = _norm_dims(norm)
+    h = _upcast(x)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
+    out = h * torch.rsqrt(h.pow(2).mean(dim=dims, keepdim=True) + eps).detach()
+    if norm.weight is not None:
+        out = out * norm.weight.to(h.dtype)
+    return out.to(x.dtype)
+
+
+def _frozen_simple_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's SimpleNorm `x · [1/√(var x + ε)] · w` (unbiased variance, no centring, as timm)
+    with the bracket detached.
+
+    # x: [..., d] -> [..., d]
+    """
+    dims = _norm_dims(norm)
+    h = _upcast(x)
+    out = h * torch.rsqrt(h.var(dim=dims, keepdim=True) + norm.eps).detach()
+    if norm.weight is not None:
+        out = out * norm.weight.to(h.dtype)
+    return out.to(x.dtype)
+
+
+#: Exact norm class -> its forward with the per-token scale detached.
+FROZEN_NORMS: dict[type, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    torch.nn.LayerNorm: _frozen_layer_norm,
+    timm_norm.LayerNorm: _frozen_layer_norm,
+    timm_norm.LayerNormFp32: _frozen_layer_norm,
+    timm_norm.RmsNorm: _frozen_rms_norm,
+    timm_norm.RmsNormFp32: _frozen_rms_norm,
+    timm_norm.SimpleNorm: _frozen_simple_norm,
+    timm_norm.SimpleNormFp32: _frozen_simple_norm,
+}
+if hasattr(torch.nn, "RMSNorm"):
+    FROZEN_NORMS[torch.nn.RMSNorm] = _frozen_rms_norm
+
+
+def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's head-path norms (`norm`, `fc_norm`) that normalise (Identity left out);
+    raises `UserError` naming a norm class `ln="frozen"` does not know.
+    """
+    found = []
+    for name in FINAL_NORMS:
+        module = getattr(model, name, None)
+        if module is None or isinstance(module, torch.nn.Identity):
+            continue
+        if type(module) not in FROZEN_NORMS:
+            known = sorted({f"{c.__module__}.{c.__name__}" for c in FROZEN_NORMS})
+            raise UserError(f"ln='frozen' cannot detach the scale of model.{name} ({type(module).__name__}): "
+                            f"it knows {', '.join(known)}")
+        found.append((name, module))
+    return found
+
+
+@contextlib.contextmanager
+def frozen_final_norm(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the `with` block, `model.norm` and `model.fc_norm` compute the same values with their
+    per-token scale detached (LayerNorm's 1/σ, RmsNorm's 1/rms), so gradients flow through the
+    norm as if the scale were a constant. Swaps the modules' `forward` and restores it on exit;
+    the family adapters are untouched (`adapter.project` calls the modules).
+    """
+    swapped: list[tuple[torch.nn.Module, object]] = []
+    try:
+        for _, module in final_norms(model):
+            frozen = FROZEN_NORMS[type(module)]
+            swapped.append((module, module.__dict__.get("forward")))
+            module.forward = (lambda x, _m=module, _f=frozen: _f(_m, x))  # type: ignore[method-assign]
+        yield
+    finally:
+        for module, previous in reversed(swapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+
+
+def block_loss(logits: torch.Tensor, class_index: torch.Tensor, loss: GradientLoss = "ce") -> torch.Tensor:
+    """One block's loss summed over the batch: CE on logits ("ce", the paper) or the class of
+    interest's negative logit ("logit"), so that −∂ℓ/∂a is higher for more supportive tokens.
+
+    # logits: [B, C], class_index: [B] -> scalar
+    """
+    if loss == "ce":
+        return F.cross_entropy(logits, class_index, reduction="sum")
+    return -logits.gather(1, class_index[:, None]).sum()
+
+
 def block_head_importance(
     model: torch.nn.Module,
     images: torch.Tensor,
     class_index: torch.Tensor,
     source: GradientSource = "resid",
+    ln: NormScale = "live",
+    loss: GradientLoss = "ce",
 ) -> torch.Tensor:
     """Importance of every image token for every block and head, one forward + one backward.
 
     `class_index` is the class of interest per image (the true class, or the model's
-    prediction). Importance = `-∂CE(proj(x_cls^b), c)/∂a_b^h[cls, t]` over image tokens t.
+    prediction). Importance = `-∂ℓ_b/∂a_b^h[cls, t]` over image tokens t, with
+    `ℓ_b = CE(proj(x_cls^b), c)` (the paper; defaults) or, beyond the paper, `ln="frozen"`
+    (the final norm's scale detached) and / or `loss="logit"` (`ℓ_b = −logit_c`).
 
     # images: [B, 3, H, W], class_index: [B] int64 -> importance: [B, L, H, N]
     """
-    if source not in GRADIENT_SOURCES:
-        raise UserError(f"unknown gradient source {source!r}: use one of {GRADIENT_SOURCES}")
+    check_explain_options(source, ln, loss)
     require_autograd()
     adapter = adapter_for(model)
     require_class_token(adapter.anatomy)
     prefix = adapter.anatomy.num_prefix_tokens
+    if ln == "frozen":
+        final_norms(model)  # an unknown norm class fails before any work
+
+    def norm_mode() -> contextlib.AbstractContextManager:
+        return frozen_final_norm(model) if ln == "frozen" else contextlib.nullcontext()
+
     leaves: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     with torch.no_grad():  # the main path needs no graph; each branch builds its own
@@ -72,7 +226,9 @@ def block_head_importance(
             with torch.enable_grad():
                 cls_row = trace.attn_probs[:, :, 0, :].clone().requires_grad_(True)  # [B, H, T]
                 x_cls = adapter.cls_branch(trace.index, trace, cls_row, source)
-                losses.append(F.cross_entropy(adapter.project(x_cls), class_index, reduction="sum"))
+                with norm_mode():
+                    logits = adapter.project(x_cls)  # [B, C]
+                losses.append(block_loss(logits, class_index, loss))
             leaves.append(cls_row)
     with torch.enable_grad():
         torch.stack(losses).sum().backward(inputs=leaves)

@@ -78,6 +78,20 @@ def run_file(root: str | Path, run_id: str) -> Path:
     return table_file(root, "runs", "all", NO_EXPERIMENT, run_id)
 
 
+def experiment_seconds(shard_stats: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Seconds per experiment and variant, summed over shards (and actors): each shard's
+    device step per experiment, and `probe_fit`, the linear probes' training pass and solve.
+
+    # -> {experiment: {variant: seconds}}
+    """
+    total: dict[str, dict[str, float]] = {}
+    for stats in shard_stats:
+        for name, seconds in stats.get("experiment_seconds", {}).items():
+            per_variant = total.setdefault(name, {})
+            per_variant[stats["variant"]] = per_variant.get(stats["variant"], 0.0) + float(seconds)
+    return {name: dict(sorted(per_variant.items())) for name, per_variant in sorted(total.items())}
+
+
 def write_run_record(job: JobSpec, report: JobReport, status: str) -> None:
     """Write (or rewrite) this run's `runs` row with `status`."""
     if status not in RUN_STATUSES:
@@ -93,6 +107,7 @@ def write_run_record(job: JobSpec, report: JobReport, status: str) -> None:
         "shards_skipped": [report.shards_skipped], "shards_failed": [len(report.failures)],
         "rows_written": [sum(s.get("rows", 0) for s in report.shard_stats)],
         "analysis_seconds": [sum(s.get("seconds", 0.0) for s in report.shard_stats)],
+        "experiment_seconds": [json.dumps(experiment_seconds(report.shard_stats))],
     })
     write_parquet_atomic(table, run_file(job.output, report.run_id))
 
@@ -107,6 +122,7 @@ def mark_run_killed(root: str | Path, run_id: str) -> bool:
         return False
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     columns["status"] = ["killed"]
+    columns.setdefault("experiment_seconds", [None])  # a row written before schema v5
     write_parquet_atomic(to_table("runs", columns), path)
     return True
 

@@ -32,7 +32,7 @@ from vitlens.runner.bookkeeping import (
     write_run_record,
 )
 from vitlens.runner.plan import WorkItem, WorkQueue
-from vitlens.runner.preflight import check_checkpoint_files, check_output, job_shards
+from vitlens.runner.preflight import check_checkpoint_files, check_output, check_probe_disjoint, job_shards, probe_shards
 from vitlens.runner.spec import JobSpec
 from vitlens.store.layout import clean_temporaries
 from vitlens.store.lock import OutputLock
@@ -118,6 +118,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     """
     started = time.perf_counter()
     shards = job_shards(job)
+    check_probe_disjoint(shards, probe_shards(job))
     check_checkpoint_files(job)
     check_output(job.output)
     report = JobReport(shards_total=len(shards) * len(job.variants), shards_skipped=0, run_id=new_run_id())

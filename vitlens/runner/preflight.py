@@ -7,13 +7,14 @@ Each check raises `vitlens.errors.UserError` with one line naming the file or ke
 from __future__ import annotations
 
 import os
+import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitlens.data.manifest import shard_entries
-from vitlens.errors import UserError
-from vitlens.runner.spec import JobSpec
+from vitlens.errors import UserError, one_line_reason
+from vitlens.runner.spec import DataSpec, JobSpec
 from vitlens.store.layout import shard_ids
 
 
@@ -37,21 +38,68 @@ def local_path(url: str) -> Path:
     return Path(url[len("file://"):] if url.startswith("file://") else url.removeprefix("file:"))
 
 
-def job_shards(job: JobSpec) -> list[JobShard]:
-    """The job's shards in order, with unique ids; local shards must exist."""
-    if job.data.manifest is not None:
-        entries = [(e.url, e.samples, e.sha256) for e in shard_entries(job.data.manifest)]
+def data_shards(data: DataSpec, table: str = "data") -> list[JobShard]:
+    """The shards of a [data]-like table in order, with unique ids; local shards must exist."""
+    if data.manifest is not None:
+        entries = [(e.url, e.samples, e.sha256) for e in shard_entries(data.manifest)]
     else:
-        entries = [(url, None, None) for url in job.data.shards]
+        entries = [(url, None, None) for url in data.shards]
     ids = shard_ids([url for url, _, _ in entries])
-    where = f"manifest {job.data.manifest}" if job.data.manifest is not None else "data.shards"
+    where = f"manifest {data.manifest}" if data.manifest is not None else f"{table}.shards"
     for url, _, _ in entries:
         if is_local(url) and not local_path(url).is_file():
             raise UserError(f"{where}: shard {url} does not exist")
     return [
-        JobShard(url, shard_id, samples, sha256 if job.data.verify else None)
+        JobShard(url, shard_id, samples, sha256 if data.verify else None)
         for (url, samples, sha256), shard_id in zip(entries, ids)
     ]
+
+
+def job_shards(job: JobSpec) -> list[JobShard]:
+    """The job's shards in order, with unique ids; local shards must exist."""
+    return data_shards(job.data)
+
+
+def probe_shards(job: JobSpec) -> list[JobShard]:
+    """The training shards of the `probe` experiment ([probe]; empty when it does not run)."""
+    data = job.probe.data
+    return data_shards(data, "probe") if "probe" in job.experiments and data is not None else []
+
+
+def sample_keys(path: Path) -> set[str]:
+    """The sample keys of a local WebDataset shard, from its tar headers alone (no member is
+    read): a member `KEY.image.png` belongs to sample `KEY` (keys hold no '.')."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return {member.name.split("/")[-1].split(".", 1)[0] for member in tar if member.isfile()}
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(f"shard {path}: cannot list its samples ({one_line_reason(err)})") from None
+
+
+def check_probe_disjoint(analysed: list[JobShard], training: list[JobShard]) -> None:
+    """Refuse [probe] training shards that share a shard or an image key with the analysed ones
+    (METHOD §7: the probes are trained on images disjoint from those they are evaluated on).
+
+    Local shards are compared by their sample keys; remote ones (URLs) by URL only here, and
+    by key in the actor, which refuses a batch holding a training key.
+    """
+    if not training:
+        return
+    same = sorted({s.url for s in analysed} & {s.url for s in training})
+    if same:
+        raise UserError(f"[probe] training shard {same[0]} is also an analysed shard ([data]); "
+                        "train the probes on disjoint images")
+    train_keys: dict[str, str] = {}
+    for shard in training:
+        if is_local(shard.url):
+            train_keys.update(dict.fromkeys(sample_keys(local_path(shard.url)), shard.url))
+    for shard in analysed:
+        if not is_local(shard.url):
+            continue
+        overlap = sorted(sample_keys(local_path(shard.url)) & set(train_keys))
+        if overlap:
+            raise UserError(f"[probe] training shard {train_keys[overlap[0]]} and analysed shard {shard.url} "
+                            f"share {len(overlap)} image key(s), e.g. {overlap[0]}; train the probes on disjoint images")
 
 
 def check_output(output: str) -> None:

@@ -19,21 +19,25 @@ leaves no partial file behind.
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from vitlens.data.geometry import EvalGeometry
 from vitlens.data.loader import shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
-from vitlens.explain.evaluate import explain_batch
+from vitlens.explain.deletion import kept_token_counts
+from vitlens.explain.evaluate import PerturbationCurve, explain_batch, perturbation_curves
 from vitlens.lens import Lens, token_keep_from_labels
 from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
 from vitlens.lens.memories import SUBLAYERS
 from vitlens.metrics.sublayers import class_value_agreement
 from vitlens.models.registry import load_variant
+from vitlens.probe import probe_importance
+from vitlens.runner.probe_training import TrainedProbes, check_disjoint, train_probes
 from vitlens.runner.spec import JobSpec
 from vitlens.store.background import BackgroundWriter
 from vitlens.store.layout import (
@@ -46,11 +50,26 @@ from vitlens.store.layout import (
     write_parquet_atomic,
 )
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
+from vitlens.store.probe_records import probes_table
 from vitlens.store.records import images_table, summary_tables, tokens_table
 from vitlens.store.schema import DETAIL_TIERS, schema_of, to_table
 
 #: The experiment that runs the explainability methods instead of the lens (EXPLAIN_EXPERIMENT), and its tables.
 EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
+#: The §8 linear-probe experiment: probe ranks per token, and the deletion curves of method `linear_probe`.
+PROBE_EXPERIMENT = "probe"
+PROBE_TABLES: tuple[str, ...] = ("probes", "perturbation_curves")
+#: The deletion method whose importance comes from the probes (METHOD §7).
+PROBE_METHOD = "linear_probe"
+#: An experiment that deletion tests need, to tell whether a family can shorten its sequence.
+TOKEN_REMOVAL = "remove_class_tokens"
+
+
+class ProbeBatch(NamedTuple):
+    """What the `probe` experiment keeps of one batch."""
+
+    ranks: torch.Tensor  # [B, K, T] int32, -1 where a slot does not cover a position
+    curves: list[PerturbationCurve]  # method linear_probe, both deletion tests (none when tokens cannot be removed)
 
 #: lens experiment -> (attention perturbation, label of the image tokens to remove)
 EXPERIMENT_SETTINGS: dict[str, tuple[str | None, int | None]] = {
@@ -71,7 +90,11 @@ def applicable_experiments(experiments: tuple[str, ...], anatomy: ViTAnatomy) ->
 
 def tables_of(experiment: str, detail: str = "tokens") -> tuple[str, ...]:
     """The tables an experiment writes in a job of `detail` tier."""
-    return EXPLAIN_TABLES if experiment == EXPLAIN_EXPERIMENT else DETAIL_TIERS[detail] + ("images",)
+    if experiment == EXPLAIN_EXPERIMENT:
+        return EXPLAIN_TABLES
+    if experiment == PROBE_EXPERIMENT:
+        return PROBE_TABLES
+    return DETAIL_TIERS[detail] + ("images",)
 
 
 class ShardProcessor:
@@ -85,13 +108,33 @@ class ShardProcessor:
                               head_path=job.head_for(variant), model_kwargs=job.model_kwargs_for(variant))
         self.model = loaded.model
         self.class_names = loaded.class_names
+        self.data_config = loaded.data_config
         self.lens = Lens(self.model, precision=job.resources.precision)
         self.geometry = EvalGeometry.from_data_config(loaded.data_config)
         self.patch_size = self.lens.anatomy.token_cell  # the input pixels of one image token (hybrids: the stem's stride)
         self.has_class_token = self.lens.anatomy.has_class_token
         self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
         self.experiments = applicable_experiments(job.experiments, self.lens.anatomy)
+        self.probes: TrainedProbes | None = None  # fitted on the first shard that runs `probe`
         self._write_params()
+        self._write_variant()
+
+    def _write_variant(self) -> None:
+        """The `variants` row of this variant: what the report needs to draw its token grid."""
+        path = table_file(self.job.output, "variants", self.variant, NO_EXPERIMENT, "variant")
+        if path.is_file():
+            return
+        anatomy = self.lens.anatomy
+        height, width = self.geometry.input_size
+        table = to_table("variants", {
+            "family": [anatomy.family], "num_blocks": [anatomy.num_blocks],
+            "num_prefix_tokens": [anatomy.num_prefix_tokens],
+            "grid_rows": [anatomy.grid_size[0]], "grid_cols": [anatomy.grid_size[1]],
+            "input_height": [height], "input_width": [width], "num_classes": [anatomy.num_classes],
+            "data_config": [json.dumps(self.data_config, sort_keys=True, default=list)],
+            "class_names": [list(self.class_names)],
+        })
+        write_parquet_atomic(table, path)
 
     def _write_params(self) -> None:
         """The parameter-only `params` table of this variant (same content on every actor)."""
@@ -153,9 +196,14 @@ class ShardProcessor:
             for table in tables_of(experiment, detail)
         }
         images = 0
-        clock = DeviceClock(self.device)
+        clocks = {experiment: DeviceClock(self.device) for experiment in run}
+        seconds: dict[str, float] = {}
         background = BackgroundWriter(depth=4)
         try:
+            if PROBE_EXPERIMENT in run and self.probes is None:
+                self.probes = train_probes(self.job, self.model, self.geometry, self.patch_size,
+                                           self.num_prefix_tokens, self.device)
+                seconds["probe_fit"] = self.probes.seconds
             batches = shard_batches(
                 shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
                 on_reject=lambda shard, key, reason: rejects.append((key, reason)),
@@ -165,8 +213,9 @@ class ShardProcessor:
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
                 for experiment in run:
-                    with clock:
+                    with clocks[experiment]:
                         result = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else \
+                            self._probe(batch, stem) if experiment == PROBE_EXPERIMENT else \
                             self._analyse(batch, experiment)
                     background.submit(self._row_writer(writers, experiment, batch, result, stem))
                 if on_batch is not None:
@@ -189,15 +238,18 @@ class ShardProcessor:
             raise
         for writer in writers.values():
             writer.commit()
-        rows = sum(w.rows for (table, _), w in writers.items() if table in ("tokens", "token_summary", "explain"))
+        rows = sum(w.rows for (table, _), w in writers.items()
+                   if table in ("tokens", "token_summary", "explain", "probes"))
+        seconds.update({experiment: clock.seconds for experiment, clock in clocks.items()})
         # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
         done = sorted(done_experiments(self.job.output, self.variant, stem, expected_sha256) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
             "rejects": len(rejects), "seconds": time.perf_counter() - started, "experiments": done,
             "sha256": expected_sha256,  # verified in the read; a later run redoes the shard if it changes
-            "device_seconds": clock.seconds,  # the device step alone (CUDA events on a GPU)
-            "peak_device_bytes": clock.peak_bytes(),
+            "device_seconds": sum(clock.seconds for clock in clocks.values()),  # the device step alone
+            "experiment_seconds": seconds,  # per experiment (CUDA events on a GPU), and probe_fit
+            "peak_device_bytes": max((clock.peak_bytes() for clock in clocks.values()), default=0),
         }
         write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
         return stats
@@ -217,7 +269,25 @@ class ShardProcessor:
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.class_index.to(self.device)
         seed = zlib.crc32("\n".join(batch.keys).encode())  # the random baseline, stable per batch
-        return explain_batch(self.model, images, labels, settings.target, settings.source, settings.curve_points, seed)
+        return explain_batch(self.model, images, labels, settings.target, settings.source, settings.curve_points, seed,
+                             ln=settings.ln, loss=settings.loss, random_orders=settings.random_orders)
+
+    def _probe(self, batch: Any, stem: str) -> ProbeBatch:
+        """The device step of `probe` on one batch: every probe's rank of the true class, and
+        the deletion tests of the probes' importance (METHOD §7)."""
+        assert self.probes is not None
+        check_disjoint(self.probes, batch.keys, stem)
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.class_index.to(self.device)
+        probes = self.probes.probes
+        with torch.no_grad():
+            ranks = probes.ranks(self.lens.adapter, images, labels)
+        curves: list[PerturbationCurve] = []
+        if self.lens.anatomy.skip_reason(TOKEN_REMOVAL) is None:
+            importance = probe_importance(ranks, probes.slots, self.num_prefix_tokens)
+            kept = kept_token_counts(importance.shape[1], self.job.explain.curve_points)
+            curves = perturbation_curves(self.model, images, labels, {PROBE_METHOD: importance}, kept)
+        return ProbeBatch(ranks, curves)
 
     def _row_writer(
         self, writers: dict[tuple[str, str], StagedParquetWriter], experiment: str, batch: Any, result: Any, stem: str
@@ -229,7 +299,13 @@ class ShardProcessor:
                 tables = {
                     "explain": explain_table(result, batch.keys, batch.token_label, batch.fg_fraction,
                                              self.num_prefix_tokens),
-                    "perturbation_curves": perturbation_curves_table(result, batch.keys),
+                    "perturbation_curves": perturbation_curves_table(result.curves, batch.keys),
+                }
+            elif experiment == PROBE_EXPERIMENT:
+                tables = {
+                    "probes": probes_table(result.ranks, self.probes.probes.slots, batch.keys, batch.token_label,
+                                           self.num_prefix_tokens, self.has_class_token),
+                    "perturbation_curves": perturbation_curves_table(result.curves, batch.keys),
                 }
             else:
                 names = [self.class_names[i] if 0 <= i < len(self.class_names) else None

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from vitlens.errors import UserError
-from vitlens.settings import DETAILS, PRECISIONS
+from vitlens.settings import DETAILS, EXPLAIN_LN, EXPLAIN_LOSSES, PRECISIONS, PROBE_STREAMS
 from vitlens.toml_files import read_toml, toml_value
 
 #: Every experiment a job can run; "baseline" is the unperturbed model.
@@ -68,6 +68,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "remove_class_tokens",
     "remove_context_tokens",
     "explain",
+    "probe",
 )
 EXPLAIN_TARGETS: tuple[str, ...] = ("true", "predicted")
 EXPLAIN_SOURCES: tuple[str, ...] = ("resid", "attn")
@@ -117,6 +118,10 @@ TEXT = Key("a non-empty string", _is_text)
 TEXTS = Key("a non-empty list of non-empty strings",
             lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_text(s) for s in v), tuple)
 FLAG = Key("true or false", lambda v: isinstance(v, bool))
+STREAMS_KEY = Key(f"a non-empty list of distinct streams from {list(PROBE_STREAMS)}",
+                  lambda v: isinstance(v, (list, tuple)) and 0 < len(v) == len(set(v))
+                  and all(s in PROBE_STREAMS for s in v),
+                  lambda v: tuple(s for s in PROBE_STREAMS if s in v))
 CURVE_POINTS = Key("0 (every kept count) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))
 
 #: Every key of every table: "" is the top level; [checkpoints] and [heads] map variants to
@@ -140,7 +145,10 @@ KEYS: dict[str, dict[str, Key]] = {
         "precision": one_of(PRECISIONS),
         "decode_workers": integer(0),
     },
-    "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS},
+    "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS,
+                "ln": one_of(EXPLAIN_LN), "loss": one_of(EXPLAIN_LOSSES), "random_orders": integer(1)},
+    "probe": {"manifest": TEXT, "shards": TEXTS, "verify": FLAG, "shots": integer(1), "alpha": positive_number(),
+              "streams": STREAMS_KEY},
 }
 CHECKPOINT_FILE = TEXT
 HEAD_FILE = TEXT
@@ -155,6 +163,7 @@ MODEL_KWARGS: dict[str, Key] = {
 #: The tables of a job spec, each with the keys it allows (None: any key, here variants).
 TABLES: dict[str, set[str] | None] = {
     "data": set(KEYS["data"]), "resources": set(KEYS["resources"]), "explain": set(KEYS["explain"]),
+    "probe": set(KEYS["probe"]),
     "checkpoints": None, "heads": None, "models": None,
 }
 
@@ -224,9 +233,38 @@ class ExplainSpec:
     target: str = "true"  # class of interest: the label or the model's prediction
     source: str = "resid"  # CLS token of the residual stream after block b, or of the attention output
     curve_points: int = 0  # kept counts per deletion curve: 0 = all n = 0..N
+    # Beyond the paper (never the default): with ln = "frozen" or loss = "logit" the job also
+    # computes the paper's gradients with the final norm's scale detached / the class logit as
+    # the target, as method "ours[ln=frozen,loss=logit]" beside "ours".
+    ln: str = "live"
+    loss: str = "ce"
+    random_orders: int = 10  # method "random" = the mean over this many random orders (METHOD §6: >= 10)
 
     def __post_init__(self) -> None:
         _check_fields(self, "explain")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Settings of the `probe` experiment (paper §8, METHOD §7): the training shards (disjoint
+    from the analysed ones), shots per class, the ridge penalty and the streams probed."""
+
+    manifest: str | None = None
+    shards: tuple[str, ...] = ()
+    verify: bool = True  # check each training shard's sha256 against its manifest
+    shots: int = 10  # training images per class (the first `shots` of each class, in shard order)
+    alpha: float = 1.0  # ridge penalty (scikit-learn Ridge(alpha) with an intercept)
+    streams: tuple[str, ...] = PROBE_STREAMS
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "probe")
+
+    @property
+    def data(self) -> DataSpec | None:
+        """The training shards as a `DataSpec` (None when the spec names none)."""
+        if self.manifest is None and not self.shards:
+            return None
+        return DataSpec(manifest=self.manifest, shards=self.shards, verify=self.verify)
 
 
 @dataclass(frozen=True)
@@ -242,6 +280,7 @@ class JobSpec:
     detail: str = "tokens"  # tokens: every token's row | summary: the sums every paper table needs
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     explain: ExplainSpec = field(default_factory=ExplainSpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
     checkpoints: tuple[tuple[str, str], ...] = ()  # (variant, local weight file) pairs
     heads: tuple[tuple[str, str], ...] = ()  # (variant, linear-head file) pairs
     models: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (variant, ((kwarg, value), ...))
@@ -260,7 +299,8 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
-        for name, table in (("data", DataSpec), ("resources", ResourceSpec), ("explain", ExplainSpec)):
+        for name, table in (("data", DataSpec), ("resources", ResourceSpec), ("explain", ExplainSpec),
+                            ("probe", ProbeSpec)):
             value = getattr(self, name)
             if not isinstance(value, table):
                 raise UserError(f"{IN_CODE}: '{name}' must be a {table.__name__}, not {type(value).__name__}")
@@ -270,6 +310,18 @@ class JobSpec:
         _check_relations(self.variants, self.experiments, dict(self.checkpoints), IN_CODE,
                          dict(self.heads), models)
         object.__setattr__(self, "models", _frozen_models(models))
+        _check_probe(self.experiments, self.probe, IN_CODE)
+
+
+def _check_probe(experiments: tuple[str, ...], probe: "ProbeSpec", source: str) -> None:
+    """The `probe` experiment needs [probe] training shards; [probe] shards need the experiment."""
+    if probe.manifest is not None and probe.shards:
+        raise UserError(f"{source}: [probe] needs exactly one of 'manifest' or 'shards'")
+    if "probe" in experiments and probe.data is None:
+        raise UserError(f"{source}: experiment 'probe' needs its training shards: [probe] manifest = ... "
+                        "or shards = [...] (disjoint from [data])")
+    if "probe" not in experiments and probe.data is not None:
+        raise UserError(f"{source}: [probe] names training shards but 'experiments' has no 'probe'")
 
 
 def _frozen_models(models: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
@@ -360,8 +412,17 @@ def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     models_raw = _check_table(raw, "models", path)
     experiments = top.get("experiments", JobSpec.__dataclass_fields__["experiments"].default)
     _check_relations(top["variants"], experiments, ckpt_raw, str(path), heads_raw, models_raw)
+    probe_raw = _check_table(raw, "probe", path)
+    for key in ("manifest",):
+        if key in probe_raw:
+            probe_raw[key] = _resolve(base, probe_raw[key])
+    if "shards" in probe_raw:
+        probe_raw["shards"] = tuple(_resolve(base, s) for s in probe_raw["shards"])
+    probe = ProbeSpec(**probe_raw)
+    _check_probe(experiments, probe, str(path))
     return JobSpec(
         **top,
+        probe=probe,
         data=DataSpec(**data_raw),
         resources=ResourceSpec(**_check_table(raw, "resources", path)),
         explain=ExplainSpec(**_check_table(raw, "explain", path)),

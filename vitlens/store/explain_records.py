@@ -1,9 +1,11 @@
 """Turn an `ExplainBatch` into rows of the `explain` and `perturbation_curves` tables.
 
 Pure reshaping (no metric is computed here). `explain`: for the paper's method one row per
-(image, block, image token) with the heads as a list; for each baseline one row per
-(image, image token) with `block` null (its global map). `perturbation_curves`: one row per
-(image, method, test, kept count).
+(image, block, image token) with the heads as a list; for a beyond-paper variant of it
+(`ours[ln=frozen,...]`) and each baseline one row per (image, image token) with `block` null
+(its global map; method `random`: order 0). `perturbation_curves`: one row per (image,
+method, test, kept count, order) of any list of `PerturbationCurve`s (the `explain`
+experiment's, or the `probe` experiment's `linear_probe` curves).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from vitlens.data.token_labels import LABEL_NAMES
-from vitlens.explain.evaluate import ExplainBatch
+from vitlens.explain.evaluate import ExplainBatch, PerturbationCurve
 from vitlens.store.schema import to_table
 
 
@@ -28,10 +30,10 @@ def explain_table(
     fg_fraction: torch.Tensor,
     num_prefix_tokens: int,
 ) -> pa.Table:
-    """The `explain` rows of one batch: 'ours' ordered image × block × token, then each baseline
-    ordered image × token.
+    """The `explain` rows of one batch: 'ours' ordered image × block × token, then the
+    beyond-paper variant (if any) and each baseline ordered image × token (block null).
 
-    # result.block_head: [B, L, H, N], baselines: [B, N]; token_label, fg_fraction: [B, P+N]
+    # result.block_head: [B, L, H, N], variants / baselines: [B, N]; token_label, fg_fraction: [B, P+N]
     """
     block_head = result.block_head.detach().float().cpu()
     batch, depth, heads, num_image_tokens = block_head.shape
@@ -50,7 +52,7 @@ def explain_table(
             pa.list_(pa.float32())),
     }]
     image_base, token_base = np.meshgrid(np.arange(batch), np.arange(num_image_tokens), indexing="ij")
-    for method, importance in result.baselines.items():
+    for method, importance in {**result.variants, **result.baselines}.items():
         parts.append({
             "method": np.array([method] * image_base.size),
             "image": image_base.ravel(), "block": None, "token": token_base.ravel(),
@@ -76,25 +78,34 @@ def explain_table(
     return to_table("explain", columns)
 
 
-def perturbation_curves_table(result: ExplainBatch, keys: list[str]) -> pa.Table:
-    """The `perturbation_curves` rows of one batch, ordered method × test × kept count × image."""
-    methods, tests, kept, fraction, image, prediction, correct = [], [], [], [], [], [], []
-    for curve in result.curves:
+def perturbation_curves_table(curves: list[PerturbationCurve], keys: list[str]) -> pa.Table:
+    """The `perturbation_curves` rows of a batch's curves (all on the images `keys`, in that
+    order), ordered as `curves` × kept count × image; `order` is each curve's random order.
+
+    # curves: each predictions [K, B], kept_counts [K] -> rows
+    """
+    methods, tests, kept, fraction, image, prediction, correct, order = [], [], [], [], [], [], [], []
+    for curve in curves:
         points, batch = curve.predictions.shape
+        if batch != len(keys):
+            raise ValueError(f"curve {curve.method}/{curve.test} has {batch} images, keys name {len(keys)}")
         methods += [curve.method] * (points * batch)
         tests += [curve.test] * (points * batch)
-        kept.append(np.repeat(curve.kept_counts.numpy(), batch))
-        fraction.append(np.repeat(curve.kept_fraction.numpy(), batch))
+        kept.append(np.repeat(curve.kept_counts.cpu().numpy(), batch))
+        fraction.append(np.repeat(curve.kept_fraction.cpu().numpy(), batch))
         image.append(np.tile(np.arange(batch), points))
         prediction.append(curve.predictions.cpu().numpy().ravel())
         correct.append(curve.correct.cpu().numpy().ravel())
+        order.append(np.full(points * batch, curve.order, dtype=np.int16))
+    empty = [np.zeros(0, dtype=np.int64)]
     columns = {
-        "image_key": _keys(keys, np.concatenate(image)),
+        "image_key": _keys(keys, np.concatenate(image or empty)),
         "method": methods,
         "test": tests,
-        "kept_tokens": np.concatenate(kept).astype(np.int16),
-        "kept_fraction": np.concatenate(fraction).astype(np.float32),
-        "prediction": np.concatenate(prediction).astype(np.int32),
-        "correct": np.concatenate(correct),
+        "kept_tokens": np.concatenate(kept or empty).astype(np.int16),
+        "kept_fraction": np.concatenate(fraction or empty).astype(np.float32),
+        "prediction": np.concatenate(prediction or empty).astype(np.int32),
+        "correct": np.concatenate(correct or empty).astype(bool),
+        "order": np.concatenate(order or empty).astype(np.int16),
     }
     return to_table("perturbation_curves", columns)

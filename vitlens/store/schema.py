@@ -16,7 +16,14 @@ Tables (one row each of):
              1..L; the global map is their sum over blocks), and the baselines' global maps
              (block null). Per head and token rather than per token only: B/16 has 12 × 196
              `ours` rows per image, a fraction of its `tokens` rows.
-- `perturbation_curves`: image × method × deletion test × kept count (experiment `explain`)
+- `perturbation_curves`: image × method × deletion test × kept count × order (experiments
+             `explain` and, for method `linear_probe`, `probe`); `order` numbers the random
+             orders of method `random` (0..R-1; 0 for every other method)
+- `probes`:  image × block × stream × token (experiment `probe`, paper §8): the rank of the
+             true class among a linear probe's predictions, one ridge probe per (block,
+             stream, token position) fitted on separate training shards
+- `variants`: one row per variant: what the report needs to draw a token grid over an image
+             (family, blocks, prefix tokens, grid, input size, eval transform, class names)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import pyarrow as pa
 
 from vitlens.settings import DETAILS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -105,6 +112,9 @@ RUNS = pa.schema(
         pa.field("shards_failed", pa.int32(), nullable=False),
         pa.field("rows_written", pa.int64(), nullable=False),
         pa.field("analysis_seconds", pa.float64(), nullable=False),  # summed over actors
+        # v5: JSON {experiment: {variant: seconds of its device step summed over this run's
+        # shards and actors}}, with "probe_fit": the linear probes' training pass and solve
+        pa.field("experiment_seconds", pa.string()),
     ]
 )
 
@@ -131,6 +141,34 @@ PERTURBATION_CURVES = pa.schema(
         pa.field("kept_fraction", pa.float32(), nullable=False),  # n / N
         pa.field("prediction", pa.int32(), nullable=False),
         pa.field("correct", pa.bool_(), nullable=False),  # prediction == true class
+        pa.field("order", pa.int16(), nullable=False),  # v5: random order 0..R-1 of method 'random'; else 0
+    ]
+)
+
+PROBES = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # resid: 0..L (0 = embeddings); attn/mlp: 1..L
+        pa.field("stream", _dict, nullable=False),  # resid | attn | mlp
+        pa.field("token", pa.int16(), nullable=False),  # position in the full sequence (prefix first)
+        pa.field("token_kind", _dict, nullable=False),  # cls | prefix | image
+        pa.field("label", _dict, nullable=False),  # class | context | ignore | prefix
+        pa.field("probe_rank", pa.int32(), nullable=False),  # #{c': probe score[c'] > score[true class]}
+    ]
+)
+
+VARIANTS = pa.schema(
+    [
+        pa.field("family", pa.string(), nullable=False),  # the lens's family adapter (vit, eva, ...)
+        pa.field("num_blocks", pa.int16(), nullable=False),
+        pa.field("num_prefix_tokens", pa.int16(), nullable=False),
+        pa.field("grid_rows", pa.int16(), nullable=False),  # image tokens per column
+        pa.field("grid_cols", pa.int16(), nullable=False),  # image tokens per row
+        pa.field("input_height", pa.int16(), nullable=False),  # the model's input, after the eval transform
+        pa.field("input_width", pa.int16(), nullable=False),
+        pa.field("num_classes", pa.int32(), nullable=False),
+        pa.field("data_config", pa.string(), nullable=False),  # JSON: timm's resolved eval transform
+        pa.field("class_names", pa.list_(pa.string()), nullable=False),
     ]
 )
 
@@ -182,6 +220,8 @@ TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "explain": EXPLAIN,
     "perturbation_curves": PERTURBATION_CURVES,
+    "probes": PROBES,
+    "variants": VARIANTS,
 }
 
 

@@ -1,0 +1,86 @@
+"""The training pass of the `probe` experiment (paper §8, METHOD §7) inside one actor.
+
+The runner only streams: the [probe] training shards are read once with the same decode
+pipeline as the analysed shards, and each batch goes to `vitlens.probe.fit_probes`, which
+accumulates the ridge statistics on the device and solves every probe at once (no hidden
+state is written anywhere). The fitted probes stay in the actor's memory for every analysed
+shard of its variant; an actor that restarts fits them again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from vitlens.data.geometry import EvalGeometry
+from vitlens.data.loader import shard_batches
+from vitlens.data.manifest import shard_entries
+from vitlens.errors import UserError
+from vitlens.probe import FittedProbes, fit_probes
+from vitlens.runner.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class TrainedProbes:
+    """Fitted probes with what the analysed shards are checked against."""
+
+    probes: FittedProbes
+    train_keys: frozenset[str]  # every training image key read (used or not)
+    seconds: float  # the training pass and the solve
+
+
+def _training_shards(job: JobSpec) -> list[tuple[str, int | None, str | None]]:
+    """(url, expected samples, expected sha256) of each [probe] training shard."""
+    data = job.probe.data
+    if data is None:
+        raise UserError("experiment 'probe' needs [probe] training shards")
+    if data.manifest is not None:
+        return [(e.url, e.samples, e.sha256 if data.verify else None) for e in shard_entries(data.manifest)]
+    return [(url, None, None) for url in data.shards]
+
+
+def train_probes(
+    job: JobSpec,
+    model: torch.nn.Module,
+    geometry: EvalGeometry,
+    token_cell: tuple[int, int],
+    num_prefix_tokens: int,
+    device: torch.device,
+) -> TrainedProbes:
+    """Stream the job's [probe] training shards through `model` and fit every probe.
+
+    Rejected training samples are skipped; a damaged training shard raises its
+    `ShardReadError` (the analysed shard that needed the probes fails and is retried).
+    """
+    from vitlens.lens.families import adapter_for
+
+    started = time.perf_counter()
+    keys: set[str] = set()
+    settings = job.probe
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for url, samples, sha256 in _training_shards(job):
+            for batch in shard_batches(url, geometry, job.batch_size, token_cell, num_prefix_tokens,
+                                       on_reject=lambda shard, key, reason: None,
+                                       expected_samples=samples, expected_sha256=sha256,
+                                       workers=job.resources.workers, pin_memory=device.type == "cuda"):
+                keys.update(batch.keys)
+                yield batch.images.to(device, non_blocking=True), batch.class_index.to(device)
+
+    probes = fit_probes(adapter_for(model), batches(), num_classes=model.num_classes, streams=settings.streams,
+                        shots=settings.shots, alpha=settings.alpha, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainedProbes(probes, frozenset(keys), time.perf_counter() - started)
+
+
+def check_disjoint(trained: TrainedProbes, keys: list[str], shard: str) -> None:
+    """Refuse an analysed batch holding a training image (the key check for shards that are
+    not local files, which the driver's preflight could not list)."""
+    overlap = sorted(trained.train_keys.intersection(keys))
+    if overlap:
+        raise UserError(f"analysed shard {shard} holds {len(overlap)} image(s) of the [probe] training shards, "
+                        f"e.g. {overlap[0]}; train the probes on disjoint images")
