@@ -305,7 +305,12 @@ def demo_report(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     out = tmp_path_factory.mktemp("demo")
     start = time.monotonic()
-    code = cli_main(["demo", "--out", str(out), "--variants", *DEMO_VARIANTS, "--no-progress"])
+    try:
+        code = cli_main(["demo", "--out", str(out), "--variants", *DEMO_VARIANTS, "--no-progress"])
+    finally:
+        import ray
+
+        ray.shutdown()  # the demo started a local cluster in this process; later tests start their own
     seconds = time.monotonic() - start
     (out / "demo_seconds.txt").write_text(f"{seconds:.1f}\n")
     print(f"\nvitlens demo --variants {' '.join(DEMO_VARIANTS)}: {seconds:.1f} s")

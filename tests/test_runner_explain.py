@@ -69,8 +69,11 @@ def test_row_counts_are_exact(results: Path) -> None:
     images, blocks, tokens = 20, 6, 16
     counts = dict(query(results, "SELECT method, count(*) FROM explain GROUP BY method"))
     assert counts == {"ours": images * blocks * tokens, **{m: images * tokens for m in METHODS - {"ours"}}}
-    points = tokens + 1
-    assert query(results, "SELECT count(*) FROM perturbation_curves") == [(images * len(METHODS) * 2 * points,)]
+    points, orders = tokens + 1, ExplainSpec().random_orders  # random: every order's curve, stored for both tests
+    assert query(results, "SELECT count(*) FROM perturbation_curves") == [
+        (images * (len(METHODS) - 1 + orders) * 2 * points,)]
+    assert query(results, "SELECT count(DISTINCT \"order\") FROM perturbation_curves WHERE method = 'random'") == [
+        (orders,)]
     assert query(results, "SELECT min(token), max(token), min(block), max(block), count(DISTINCT image_key) "
                           "FROM explain WHERE method = 'ours'") == [(1, 16, 1, 6, 20)]
     assert query(results, "SELECT count(*) FROM explain WHERE method <> 'ours' AND block IS NOT NULL") == [(0,)]

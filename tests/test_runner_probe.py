@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import ray
 import torch
 
 from vitlens.cli import main as cli_main
@@ -153,7 +154,10 @@ def test_run_records_probe_and_lens_seconds(data, tmp_path: Path):
                     f'batch_size = 10\n[data]\nmanifest = "{analysed}/manifest.json"\n'
                     f'[probe]\nmanifest = "{training}/manifest.json"\nshots = 1\n'
                     '[resources]\ndevice = "cpu"\nmax_actors = 1\n')
-    assert cli_main(["run", str(spec), "--no-progress"]) == 0
+    try:
+        assert cli_main(["run", str(spec), "--no-progress"]) == 0
+    finally:
+        ray.shutdown()  # the run started a local cluster in this process; later tests start their own
     (row,) = _rows(JobSpec(name="x", output=str(tmp_path / "out"), variants=("v",), data=DataSpec(manifest="m")),
                    "SELECT experiment_seconds FROM read_parquet('ROOT/table=runs/*/*/*.parquet')")
     seconds = json.loads(row[0])
