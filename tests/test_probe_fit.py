@@ -14,24 +14,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.lens import adapter_for
 from vitlens.probe import fit_probes, probe_importance, probe_slots, token_features
+from tests.test_lens_forward import tiny_vit as lens_tiny_vit
 
 DEPTH, WIDTH, CLASSES, GRID = 2, 32, 5, 4
 T = 1 + GRID * GRID
 
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
-    """A tiny ViT with LayerScale (so `attn`/`mlp` streams are after `ls1`/`ls2`) and
-    parameters at a scale where hidden states vary strongly between images."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=WIDTH, depth=DEPTH, num_heads=2,
-                              num_classes=CLASSES, init_values=0.5).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
+    """test_lens_forward's tiny ViT (parameters at a scale where hidden states vary strongly
+    between images), here with LayerScale so the `attn`/`mlp` streams are after `ls1`/`ls2`."""
+    return lens_tiny_vit(seed, embed_dim=WIDTH, depth=DEPTH, num_classes=CLASSES, init_values=0.5)
 
 
 def hooked_states(model: VisionTransformer, images: torch.Tensor) -> dict[tuple[int, str], np.ndarray]:

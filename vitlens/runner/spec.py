@@ -54,10 +54,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from vitlens.errors import UserError
 from vitlens.settings import DETAILS, EXPLAIN_LN, EXPLAIN_LOSSES, PRECISIONS, PROBE_STREAMS
+from vitlens.runner.spec_keys import FLAG, TEXT, TEXTS, Key, checked, integer, is_int, one_of, positive_number
 from vitlens.toml_files import read_toml, toml_value
 
 #: Every experiment a job can run; "baseline" is the unperturbed model.
@@ -77,52 +78,11 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 IN_CODE = "job spec"
 
 
-@dataclass(frozen=True)
-class Key:
-    """What one key's value must be: `must` completes "'KEY' must be ...", `ok` tests a
-    value, `convert` turns an accepted value into the dataclass's type."""
-
-    must: str
-    ok: Callable[[Any], bool]
-    convert: Callable[[Any], Any] = lambda value: value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
-
-
-def integer(minimum: int) -> Key:
-    """An integer (not a bool, not a float) >= `minimum`."""
-    return Key(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
-
-
-def positive_number() -> Key:
-    """An int or float (not a bool) > 0, stored as a float."""
-    return Key("a number > 0", lambda v: _is_number(v) and v > 0, float)
-
-
-def one_of(choices: tuple[str, ...]) -> Key:
-    """One of the strings `choices`."""
-    return Key(f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
-
-
-TEXT = Key("a non-empty string", _is_text)
-TEXTS = Key("a non-empty list of non-empty strings",
-            lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_text(s) for s in v), tuple)
-FLAG = Key("true or false", lambda v: isinstance(v, bool))
 STREAMS_KEY = Key(f"a non-empty list of distinct streams from {list(PROBE_STREAMS)}",
                   lambda v: isinstance(v, (list, tuple)) and 0 < len(v) == len(set(v))
                   and all(s in PROBE_STREAMS for s in v),
                   lambda v: tuple(s for s in PROBE_STREAMS if s in v))
-CURVE_POINTS = Key("0 (every kept count) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))
+CURVE_POINTS = Key("0 (every kept count) or an integer >= 2", lambda v: is_int(v) and (v == 0 or v >= 2))
 
 #: Every key of every table: "" is the top level; [checkpoints] and [heads] map variants to
 #: files (`TEXT`), [models.NAME] holds one variant's timm kwargs (`MODEL_KWARGS`).
@@ -170,13 +130,6 @@ TABLES: dict[str, set[str] | None] = {
 
 def _name(table: str, key: str) -> str:
     return f"{table}.{key}" if table else key
-
-
-def checked(key: Key, value: Any, name: str, source: str) -> Any:
-    """`value` converted by `key`, or a `UserError` "SOURCE: 'NAME' must be ..., not VALUE"."""
-    if not key.ok(value):
-        raise UserError(f"{source}: '{name}' must be {key.must}, not {toml_value(value)}")
-    return key.convert(value)
 
 
 def _check_fields(spec: Any, table: str) -> None:
