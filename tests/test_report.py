@@ -145,6 +145,15 @@ def test_section_note_names_empty_columns():
     assert section_note("kv_agreement_correct_vs_misclassified", full) is None
 
 
+@pytest.fixture(autouse=True)
+def close_kept_figures():
+    """`_drawn` keeps its figure open for inspection; close every figure after each test."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _drawn(spec_query: str, result: pa.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reason: str | None = None):
     """Draw the figure of `spec_query` from `result`; returns (spec, the figure kept open)."""
     spec = next(f for f in FIGURES if f.query == spec_query)
