@@ -39,7 +39,8 @@ def _demo(args: argparse.Namespace) -> int:
     for folder in DEMO_SHAPES:
         shards = args.out / folder
         if not (shards / "manifest.json").is_file():
-            code = cli_main(["shards", "shapes", *shapes_arguments(folder), "--out", str(shards), "--overwrite"])
+            code = cli_main(["shards", "shapes", *shapes_arguments(folder), "--out", str(shards), "--overwrite",
+                             *(["--no-progress"] if args.no_progress else [])])
             if code != 0:
                 return code
     variants = tuple(args.variants) if args.variants else DEMO_VARIANTS

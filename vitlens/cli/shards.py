@@ -50,6 +50,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         help="replace an earlier manifest and this split's shards in --out",
     )
     parser.add_argument("--seed", type=int, default=0, help="selection / generation seed (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -162,7 +163,7 @@ def _created_by(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         key: _option_value(key, value)
         for key, value in sorted(vars(args).items())
-        if key not in ("func", "command", "kind", "out", "overwrite")
+        if key not in ("func", "command", "kind", "out", "overwrite", "no_progress")
     }
     return {"command": f"vitlens shards {args.kind}", "vitlens": __version__, "options": options}
 
@@ -183,7 +184,7 @@ def run_imagenet_s(args: argparse.Namespace) -> int:
     summary = write_shards(
         converter.iter_results(), args.out, converter.dataset, args.split,
         list(imagenet1k_class_names()), _created_by(args), args.shard_size, args.overwrite,
-        expected_samples=converter.expected_samples(),
+        expected_samples=converter.expected_samples(), progress=not args.no_progress,
     )
     return _report(summary)
 
@@ -200,5 +201,6 @@ def run_shapes(args: argparse.Namespace) -> int:
     summary = write_shards(
         samples, args.out, SHAPES_DATASET, args.split, class_names, _created_by(args),
         args.shard_size, args.overwrite, expected_samples=args.classes * args.per_class,
+        progress=not args.no_progress,
     )
     return _report(summary)

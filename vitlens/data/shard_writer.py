@@ -161,21 +161,23 @@ def write_shards(
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     expected_samples: int | None = None,
+    progress: bool = True,
 ) -> ShardSummary:
-    """Write converted samples into shards and the manifest (with the rejects), showing progress."""
+    """Write converted samples into shards and the manifest (with the rejects), showing progress
+    (a bar on stderr unless `progress` is False)."""
     prepare_output_dir(Path(out_dir), dataset, split, overwrite)
     rejects: list[Reject] = []
     classes: set[int] = set()
     with ShardWriter(Path(out_dir), dataset, split, shard_size) as writer, tqdm(
-        total=expected_samples, desc=f"{dataset}-{split}", unit="sample"
-    ) as progress:
+        total=expected_samples, desc=f"{dataset}-{split}", unit="sample", disable=not progress
+    ) as bar:
         for result in results:
             if isinstance(result, Reject):
                 rejects.append(result)
-                progress.set_postfix(rejects=len(rejects))
+                bar.set_postfix(rejects=len(rejects))
                 continue
             writer.write(result)
             classes.add(result.meta.class_index)
-            progress.update(1)
+            bar.update(1)
         manifest = writer.write_manifest(class_names, rejects, created_by)
     return ShardSummary(manifest, writer.num_samples, len(writer.shards), len(classes), rejects)
