@@ -68,7 +68,8 @@ def write_provenance_results(root: Path) -> tuple[Path, Path]:
     write_toy_results(root / "results")
     manifest = root / "shards" / "manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"format_version": 1, "shards": [{"name": f"s{i}"} for i in range(3)],
+    manifest.write_text(json.dumps({"format_version": 1, "dataset": "toy", "split": "validation", "num_classes": 2,
+                                    "class_names": ["a", "b"], "shards": [{"name": f"s{i}"} for i in range(3)],
                                     "rejects": [{"path": "a.JPEG", "reason": "truncated"}]}))
     job = _job(manifest)
     results = root / "results"

@@ -56,6 +56,16 @@ class Reject:
     reason: str
 
 
+def is_local(url: str) -> bool:
+    """True for a plain path or a `file:` URL (not http(s)://, pipe:, gs://, ...)."""
+    return url.startswith("file:") or "://" not in url and not url.startswith("pipe:")
+
+
+def local_path(url: str) -> Path:
+    """The file of a local shard URL."""
+    return Path(url[len("file://"):] if url.startswith("file://") else url.removeprefix("file:"))
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

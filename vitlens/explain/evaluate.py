@@ -162,15 +162,6 @@ def random_order_curves(
     return curves
 
 
-def mean_curve_accuracy(curves: list[PerturbationCurve]) -> torch.Tensor:
-    """The mean accuracy curve over several curves of one method and test (e.g. the random
-    orders), all on the same kept counts and images.
-
-    # curves: R x ([K, B] predictions) -> accuracy: [K] float64
-    """
-    return torch.stack([c.accuracy.double().cpu() for c in curves]).mean(dim=0)
-
-
 @dataclass(frozen=True)
 class ExplainBatch:
     """Everything the `explain` experiment keeps of one batch."""

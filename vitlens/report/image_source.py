@@ -25,7 +25,16 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from vitlens.data.sample_format import IMAGE_MEMBERS, MASK_MEMBER, META_MEMBER, decode_image, decode_mask, decode_meta
+from vitlens.data.manifest import is_local, local_path, shard_entries
+from vitlens.data.sample_format import (
+    IMAGE_MEMBERS,
+    MASK_MEMBER,
+    META_MEMBER,
+    decode_image,
+    decode_mask,
+    decode_meta,
+    split_member_name,
+)
 from vitlens.errors import UserError, one_line_reason
 from vitlens.store.layout import shard_stem
 
@@ -56,15 +65,6 @@ class ImageLookup:
     short: str | None = None
 
 
-def _is_local(url: str) -> bool:
-    """True for a plain path or a `file:` URL (not http(s)://, pipe:, gs://, ...)."""
-    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
-
-
-def _local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url.removeprefix("file:"))
-
-
 def job_shard_urls(job_spec_json: str) -> list[str]:
     """The shard URLs a job read (`data.manifest`'s shards, or `data.shards`), in job order.
 
@@ -77,8 +77,6 @@ def job_shard_urls(job_spec_json: str) -> list[str]:
     except (json.JSONDecodeError, AttributeError, TypeError):
         return []
     if data.get("manifest"):
-        from vitlens.data.manifest import shard_entries
-
         try:
             return [str(entry.url) for entry in shard_entries(data["manifest"])]
         except UserError:
@@ -104,8 +102,10 @@ def read_sample_members(shard: Path, key: str) -> dict[str, bytes]:
         for member in tar:
             if not member.isfile():
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            member_key, _, name = base.partition(".")
+            try:
+                member_key, name = split_member_name(member.name.rsplit("/", 1)[-1])
+            except ValueError:
+                continue  # not a sample member
             if member_key != key:
                 if found:
                     break  # members of one sample are consecutive
@@ -149,9 +149,9 @@ def load_sample(shard_url: str | None, shard_id: str, key: str, data_config: Map
                            "no eval transform")
     if shard_url is None:
         return ImageLookup(None, None, f"no run's job spec names shard {shard_id}", "shard unknown")
-    if not _is_local(shard_url):
+    if not is_local(shard_url):
         return ImageLookup(None, shard_url, f"shard {shard_url} is not a local file", "shard not local")
-    path = _local_path(shard_url)
+    path = local_path(shard_url)
     if not path.is_file():
         return ImageLookup(None, shard_url, f"shard {path} is gone", "shard gone")
     try:

@@ -26,6 +26,8 @@ from urllib.parse import unquote
 import duckdb
 import pyarrow as pa
 
+from vitlens.data.manifest import read_manifest
+from vitlens.errors import UserError
 from vitlens.report.html import html_table
 from vitlens.report.queries import format_cell, format_markdown
 from vitlens.report.sections import RawSection, write_table
@@ -171,11 +173,10 @@ def manifest_summary(path: str | None) -> str:
     if path is None:
         return ""
     try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-        shards = len(manifest.get("shards") or [])
-        rejected = len(manifest.get("rejects") or [])
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest(path)
+    except UserError:
         return f"{path} (not readable here)"
+    shards, rejected = len(manifest["shards"]), len(manifest.get("rejects") or [])
     return f"{path} ({shards} shards, {rejected} rejected at conversion)"
 
 

@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitlens.data.manifest import shard_entries
+from vitlens.data.manifest import is_local, local_path, shard_entries
+from vitlens.data.sample_format import split_member_name
 from vitlens.errors import UserError, one_line_reason
 from vitlens.runner.spec import DataSpec, JobSpec
 from vitlens.store.layout import shard_ids
@@ -26,16 +27,6 @@ class JobShard:
     id: str  # unique within the job (vitlens.store.layout.shard_ids)
     samples: int | None  # the manifest's sample count; None for an explicit shard list
     sha256: str | None  # the manifest's checksum when [data] verify is on, else None
-
-
-def is_local(url: str) -> bool:
-    """True for a plain path or a `file:` URL (not http(s)://, pipe:, gs://, ...)."""
-    return url.startswith("file:") or "://" not in url and not url.startswith("pipe:")
-
-
-def local_path(url: str) -> Path:
-    """The file of a local shard URL."""
-    return Path(url[len("file://"):] if url.startswith("file://") else url.removeprefix("file:"))
 
 
 def data_shards(data: DataSpec, table: str = "data") -> list[JobShard]:
@@ -69,9 +60,16 @@ def probe_shards(job: JobSpec) -> list[JobShard]:
 def sample_keys(path: Path) -> set[str]:
     """The sample keys of a local WebDataset shard, from its tar headers alone (no member is
     read): a member `KEY.image.png` belongs to sample `KEY` (keys hold no '.')."""
+    keys: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as tar:
-            return {member.name.split("/")[-1].split(".", 1)[0] for member in tar if member.isfile()}
+            for member in tar:
+                try:
+                    if member.isfile():
+                        keys.add(split_member_name(member.name.rsplit("/", 1)[-1])[0])
+                except ValueError:
+                    continue  # not a sample member ('<key>.<member>')
+        return keys
     except (tarfile.TarError, OSError) as err:
         raise UserError(f"shard {path}: cannot list its samples ({one_line_reason(err)})") from None
 

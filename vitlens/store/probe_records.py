@@ -12,12 +12,9 @@ import pyarrow as pa
 import torch
 
 from vitlens.data.token_labels import LABEL_NAMES
-from vitlens.store.records import token_kinds
+from vitlens.lens.output import STREAMS
+from vitlens.store.records import dictionary_array, token_kinds
 from vitlens.store.schema import TOKEN_KINDS, to_table
-
-
-def _dictionary(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8, copy=False)), pa.array(list(names)))
 
 
 def probes_table(
@@ -36,18 +33,17 @@ def probes_table(
     rank = ranks.cpu().numpy()
     batch, num_slots, num_tokens = rank.shape
     image, slot, token = np.nonzero(rank >= 0)  # C order: image × slot × token
-    streams = tuple(sorted({stream for _, stream in slots}, key=("resid", "attn", "mlp").index))
+    streams = tuple(sorted({stream for _, stream in slots}, key=STREAMS.index))
     slot_block = np.array([block for block, _ in slots], dtype=np.int16)
     slot_stream = np.array([streams.index(stream) for _, stream in slots], dtype=np.int8)
     kinds = token_kinds(num_tokens, num_prefix_tokens, has_class_token)
     labels = token_label.cpu().numpy().astype(np.int8)
-    key_index = pa.array(image.astype(np.int32))
     return to_table("probes", {
-        "image_key": pa.DictionaryArray.from_arrays(key_index, pa.array(keys)).cast(pa.string()),
+        "image_key": pa.array(keys, pa.string()).take(pa.array(image)),
         "block": slot_block[slot],
-        "stream": _dictionary(slot_stream[slot], streams),
+        "stream": dictionary_array(slot_stream[slot], streams),
         "token": token.astype(np.int16),
-        "token_kind": _dictionary(kinds[token], TOKEN_KINDS),
-        "label": _dictionary(labels[image, token], LABEL_NAMES),
+        "token_kind": dictionary_array(kinds[token], TOKEN_KINDS),
+        "label": dictionary_array(labels[image, token], LABEL_NAMES),
         "probe_rank": rank[image, slot, token].astype(np.int32),
     })

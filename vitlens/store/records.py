@@ -21,7 +21,7 @@ from vitlens.store.schema import TOKEN_KINDS, to_table
 _KIND_CLS, _KIND_PREFIX, _KIND_IMAGE = (TOKEN_KINDS.index(k) for k in ("cls", "prefix", "image"))
 
 
-def _dictionary(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
+def dictionary_array(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
     """int8 codes into `names` as an Arrow dictionary array (no strings are built per row)."""
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8, copy=False)), pa.array(list(names)))
 
@@ -100,10 +100,10 @@ def tokens_table(
     columns = {
         "image_key": pa.DictionaryArray.from_arrays(pa.array(host(image_idx.to(torch.int32))), pa.array(keys, pa.string())),
         "block": host(block_idx.to(torch.int16)),
-        "stream": _dictionary(host(stream_idx.to(torch.int8)), STREAMS),
+        "stream": dictionary_array(host(stream_idx.to(torch.int8)), STREAMS),
         "token": host(token_idx.to(torch.int16)),
-        "token_kind": _dictionary(host(kinds), TOKEN_KINDS),
-        "label": _dictionary(host(labels), LABEL_NAMES),
+        "token_kind": dictionary_array(host(kinds), TOKEN_KINDS),
+        "label": dictionary_array(host(labels), LABEL_NAMES),
         "fg_fraction": pa.array(host(fg), mask=host(labels == LABEL_PREFIX)),
         "identifiability_rank": rows(batch.rank),
         "correct_logit": rows(batch.correct_logit),
@@ -169,9 +169,9 @@ def summary_tables(
     summary = to_table("token_summary", {
         "image_key": pa.array(keys, pa.string()).take(pa.array(image)),
         "block": block.astype(np.int16),
-        "stream": _dictionary(stream, STREAMS),
-        "token_kind": _dictionary(kind, TOKEN_KINDS),
-        "label": _dictionary(label, LABEL_NAMES),
+        "stream": dictionary_array(stream, STREAMS),
+        "token_kind": dictionary_array(kind, TOKEN_KINDS),
+        "label": dictionary_array(label, LABEL_NAMES),
         "tokens": column(counts.tokens, index, np.int32),
         "identifiable": column(counts.identifiable, index, np.int32),
         "rank_sum": column(counts.rank_sum, index, np.int64),
@@ -183,8 +183,8 @@ def summary_tables(
     match = to_table("residual_match", {
         "image_key": pa.array(keys, pa.string()).take(pa.array(image)),
         "block": (block + 1).astype(np.int16),  # axis 1 of ResidualMatch is block 1..L
-        "token_kind": _dictionary(kind, TOKEN_KINDS),
-        "label": _dictionary(label, LABEL_NAMES),
+        "token_kind": dictionary_array(kind, TOKEN_KINDS),
+        "label": dictionary_array(label, LABEL_NAMES),
         "tokens": column(matches.tokens, index, np.int32),
         "attn_match": column(matches.attn_match, index, np.int32),
         "mlp_match": column(matches.mlp_match, index, np.int32),
