@@ -11,6 +11,13 @@ crash / too large, then the refusal reasons with their counts.
     .venv/bin/python benchmarks/coverage_sweep.py --modules eva --out eva.csv    # one timm module
     .venv/bin/python benchmarks/coverage_sweep.py --summarise coverage.csv eva.csv  # counts of CSVs
     .venv/bin/python benchmarks/coverage_sweep.py --modules eva --out eva.csv --resume  # go on after a stop
+    .venv/bin/python benchmarks/coverage_sweep.py --library open_clip --out open_clip.csv  # open_clip.list_models()
+    .venv/bin/python benchmarks/coverage_sweep.py --library transformers --out hf.csv  # transformers classes
+
+open_clip architectures are checked as `open_clip:ARCH@random` (a contrastive tower gets a
+zero-shot class space from its own random text tower). transformers classes are checked from
+their default configs (`benchmarks/hf_coverage_models.py` writes one config-only folder per
+class, the `@random` twin is built from it), so neither needs a download.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
-from vitlens.cli.models import parse_count
+from vitlens.models.coverage import parse_count
 from vitlens.models.coverage import (
     COVERED_MODULES,
     DEFAULT_MAX_PARAMS,
@@ -38,6 +45,8 @@ from vitlens.models.coverage import (
 )
 
 COLUMNS = [f.name for f in fields(CoverageRow)] + ["seconds"]
+#: the checks download nothing: random twins; a hub tokenizer is not fetched (the row says so)
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def run_one(name: str, timeout: float, max_params: int, threads: int) -> tuple[CoverageRow, float]:
@@ -46,7 +55,7 @@ def run_one(name: str, timeout: float, max_params: int, threads: int) -> tuple[C
                "--headless-classes", str(HEADLESS_CLASSES), "--threads", str(threads)]
     start = time.perf_counter()
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=OFFLINE_ENV)
     except subprocess.TimeoutExpired:
         return _crash(name, f"timed out after {timeout:g} s"), time.perf_counter() - start
     seconds = time.perf_counter() - start
@@ -60,7 +69,7 @@ def run_one(name: str, timeout: float, max_params: int, threads: int) -> tuple[C
 def _crash(name: str, reason: str) -> CoverageRow:
     from vitlens.models.coverage import timm_module_of
 
-    module = timm_module_of(name)
+    module = name.split(":", 1)[0] if name.startswith(("open_clip:", "hf:")) else timm_module_of(name)
     return CoverageRow(name=name, timm_module=module, model_class="", family=module, params=None,
                        status="crash", reason=reason)
 
@@ -92,6 +101,20 @@ def print_counts(rows: list[dict[str, str]]) -> None:
                 print(f"  {count:4d}  {reason}")
 
 
+def library_models(library: str, modules: tuple[str, ...], folder: Path) -> list[str]:
+    """The variant names a sweep checks: timm names of `modules`, every open_clip architecture,
+    or one `hf:FOLDER` per transformers class (config-only folders written under `folder`)."""
+    if library == "timm":
+        return timm_models(modules)
+    if library == "open_clip":
+        from vitlens.models.open_clip_models import open_clip_architectures
+
+        return [f"open_clip:{arch}" for arch in open_clip_architectures()]
+    from hf_coverage_models import write_config_folders
+
+    return [f"hf:{path}" for path in write_config_folders(folder)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, metavar="SUBSTRING", help="only models whose name contains it")
@@ -100,6 +123,8 @@ def main() -> int:
     parser.add_argument("--max-params", type=parse_count, default=DEFAULT_MAX_PARAMS,
                         help="too large above this many parameters (default 700M)")
     parser.add_argument("--out", default="coverage.csv", help="CSV file (default coverage.csv)")
+    parser.add_argument("--library", choices=("timm", "open_clip", "transformers"), default="timm",
+                        help="whose architectures to sweep (default timm)")
     parser.add_argument("--modules", nargs="+", default=list(COVERED_MODULES), choices=COVERED_MODULES,
                         metavar="MODULE", help=f"timm modules to sweep (default all: {' '.join(COVERED_MODULES)})")
     parser.add_argument("--resume", action="store_true",
@@ -116,7 +141,8 @@ def main() -> int:
         return 0
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
-    names = [n for n in timm_models(tuple(args.modules)) if args.only is None or args.only in n]
+    names = [n for n in library_models(args.library, tuple(args.modules), Path(args.out).with_suffix(".models"))
+             if args.only is None or args.only in n]
     out = Path(args.out)
     kept: list[dict[str, str]] = []
     if args.resume and out.is_file():

@@ -76,3 +76,19 @@ def test_rejects_unknown_crop_mode_and_incomplete_config() -> None:
         EvalGeometry.from_data_config(_cfg((32, 32), 0.9, "random", "bilinear"))
     with pytest.raises(UserError, match="incomplete"):
         EvalGeometry.from_data_config({"input_size": (3, 32, 32)})
+
+
+def test_crop_offset_floor_starts_where_transformers_does() -> None:
+    """transformers' centre crop starts at (L - c) // 2, torchvision's at round((L - c) / 2), half
+    to even: a 32-wide crop of a 35-wide image starts at 1 vs 2. The same offset for the mask."""
+    config = {"input_size": (3, 32, 32), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear",
+              "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    pixels = np.arange(32 * 35, dtype=np.int32).reshape(32, 35)  # already at the scale: no resize
+    floor = EvalGeometry.from_data_config({**config, "crop_offset": "floor"})
+    rounded = EvalGeometry.from_data_config(config)
+    assert np.array_equal(floor.mask(pixels), pixels[:, 1:33])
+    assert np.array_equal(rounded.mask(pixels), pixels[:, 2:34])
+    image = Image.fromarray((pixels % 251).astype(np.uint8)).convert("RGB")
+    assert np.array_equal(floor.image_pixels(image)[:, :, 0], (pixels % 251)[:, 1:33])
+    with pytest.raises(UserError, match="crop_offset"):
+        EvalGeometry.from_data_config({**config, "crop_offset": "ceil"})

@@ -10,7 +10,6 @@ import pytest
 import torch
 from timm.models.cait import Cait
 
-from vitlens.data.token_labels import LABEL_CONTEXT, LABEL_PREFIX
 from vitlens.errors import UserError
 from vitlens.explain.gradients import block_head_importance
 from vitlens.lens import Lens, adapter_for
@@ -18,7 +17,8 @@ from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.parity import check_parity
 from vitlens.lens.perturb import attention_keep_mask
 from vitlens.lens.reduce import reduce_logits
-from vitlens.store.records import tokens_table
+
+from tests import family_checks as checks
 
 DEPTH, CA_DEPTH, GRID, WIDTH, CLASSES = 2, 2, 4, 32, 10
 TINY = dict(img_size=32, patch_size=8, embed_dim=WIDTH, depth=DEPTH, depth_token_only=CA_DEPTH, num_heads=2,
@@ -30,19 +30,7 @@ T = 1 + N
 def tiny_cait(seed: int = 0, **overrides: object) -> Cait:
     """A tiny timm CaiT with parameters at a scale where attention is far from uniform (and the
     talking-heads biases far from zero)."""
-    torch.manual_seed(seed)
-    model = Cait(**{**TINY, **overrides}).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
-
-
-def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return checks.tiny(lambda: Cait(**{**TINY, **overrides}), seed)
 
 
 def all_blocks(model: Cait) -> list[torch.nn.Module]:
@@ -52,25 +40,14 @@ def all_blocks(model: Cait) -> list[torch.nn.Module]:
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_parity_and_anatomy(pool: str) -> None:
     model = tiny_cait(global_pool=pool)
-    parity = check_parity(model, images(3))
+    parity = check_parity(model, checks.images(3))
     assert parity.ok, parity
-    anatomy = adapter_for(model).anatomy
-    assert (anatomy.family, anatomy.num_blocks, anatomy.cls_from_block) == ("cait", DEPTH + CA_DEPTH, DEPTH + 1)
-    assert (anatomy.num_prefix_tokens, anatomy.num_tokens) == (1, T)
-    assert (anatomy.grid_size, anatomy.token_cell) == ((4, 4), (8, 8))
+    checks.assert_class_attention_anatomy(model, "cait", DEPTH, CA_DEPTH)
 
 
 def test_block_outputs_equal_timms_own_blocks() -> None:
     model = tiny_cait()
-    x = images()
-    captured: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in all_blocks(model)]
-    with torch.no_grad():
-        model(x)
-        adapter = adapter_for(model)
-        traces = list(adapter.iter_block_traces(adapter.embed(x)))
-    for handle in handles:
-        handle.remove()
+    captured, traces = checks.timm_block_outputs(model, checks.images(), all_blocks(model))
     patches = captured[DEPTH - 1]  # timm's image tokens after the self-attention blocks
     for index, (trace, expected) in enumerate(zip(traces, captured), start=1):
         if index <= DEPTH:
@@ -92,25 +69,13 @@ def test_block_outputs_equal_timms_own_blocks() -> None:
 @pytest.mark.parametrize("index", [1, DEPTH + 1, DEPTH + 2])
 def test_sublayer_streams_and_probabilities_equal_timms_modules(index: int) -> None:
     model = tiny_cait()
-    x = images()
+    x = checks.images()
     block = all_blocks(model)[index - 1]
     block.attn.fused_attn = False  # ClassAttn: timm's explicit softmax, so attn_drop sees the probabilities
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, use_input: bool = False):
-        return lambda _m, inputs, out: seen.__setitem__(name, inputs[0] if use_input else out)
-
-    handles = [
-        block.attn.register_forward_hook(keep("attn")),
-        block.attn.attn_drop.register_forward_hook(keep("probs")),
-        block.attn.proj.register_forward_hook(keep("proj_in", True)),
-        block.mlp.register_forward_hook(keep("mlp")),
-        block.mlp.fc1.register_forward_hook(keep("fc1")),
-    ]
+    points = {"attn": block.attn, "probs": block.attn.attn_drop, "proj_in": block.attn.proj, "mlp": block.mlp,
+              "fc1": block.mlp.fc1}
+    seen = checks.seen_in_forward(model, x, points, inputs={"proj_in"})
     with torch.no_grad():
-        model(x)
-        for handle in handles:  # the adapter calls some of these submodules itself
-            handle.remove()
         adapter = adapter_for(model)
         trace = list(adapter.iter_block_traces(adapter.embed(x), need_probs=True))[index - 1]
     torch.testing.assert_close(trace.attn_out, block.gamma_1 * seen["attn"])
@@ -125,62 +90,27 @@ def test_sublayer_streams_and_probabilities_equal_timms_modules(index: int) -> N
 
 
 def test_lens_run_has_no_cls_rows_before_the_class_attention_blocks() -> None:
-    model = tiny_cait()
-    x = images()
-    labels = torch.tensor([3, 7])
-    out = Lens(model).run(x, labels)
-    assert out.rank.shape == (2, DEPTH + CA_DEPTH + 1, 3, T)
-    cls, image = out.rank[:, :, :, 0], out.rank[:, :, :, 1:]
-    assert bool((cls[:, : DEPTH + 1] == -1).all())  # slots 0..D: no CLS yet, in any stream
-    assert bool((cls[:, DEPTH + 1 :] >= 0).all())
-    assert bool((image[:, :, 0] >= 0).all())  # image tokens' residual stream at every slot
-    assert bool((image[:, 1 : DEPTH + 1, 1:] >= 0).all())
-    assert bool((image[:, DEPTH + 1 :, 1:] == -1).all())  # class attention: sub-layers update only the CLS
-    assert bool(torch.isnan(out.input_correct_logit[:, DEPTH + 1 :, 1:, 1:]).all())
-    # the last slot's CLS is the model's output, by an independent reduction of model(x)
-    with torch.no_grad():
-        logits = model(x)
-    expected = reduce_logits(logits[:, None].clone(), labels, 5)
-    assert torch.equal(out.rank[:, -1, 0, 0], expected.rank[:, 0])
-    torch.testing.assert_close(out.correct_logit[:, -1, 0, 0], expected.correct_logit[:, 0])
-    assert torch.equal(out.prediction, logits.argmax(dim=1))
-
-    token_label = torch.full((2, T), LABEL_CONTEXT, dtype=torch.int8)
-    token_label[:, 0] = LABEL_PREFIX
-    rows = tokens_table(out, ["a", "b"], torch.zeros(2, T), token_label, has_class_token=True).to_pylist()
-    cls_rows = [r for r in rows if r["token"] == 0]
-    assert {r["block"] for r in cls_rows} == set(range(DEPTH + 1, DEPTH + CA_DEPTH + 1))
-    assert all(r["token_kind"] == "cls" for r in cls_rows)
-    assert not [r for r in rows if r["token"] > 0 and r["stream"] != "resid" and r["block"] > DEPTH]
-    per_image_cls = CA_DEPTH * 3
-    per_image_tokens = N * ((DEPTH + CA_DEPTH + 1) + 2 * DEPTH)
-    assert len(rows) == 2 * (per_image_cls + per_image_tokens)
-
-
-def attention_edit_hooks(model: Cait, mask: torch.Tensor) -> list:
-    """timm's own TalkingHeadAttn with its post-proj_w probabilities multiplied by `mask` (the
-    output of `attn_drop` replaced): the perturbation computed without the adapter."""
-    return [b.attn.attn_drop.register_forward_hook(lambda _m, _i, out: out * mask) for b in model.blocks]
+    checks.assert_cls_only_from_class_attention(tiny_cait(), checks.images(), DEPTH, CA_DEPTH)
 
 
 def test_self_only_equals_timms_attention_with_its_probabilities_masked() -> None:
     model = tiny_cait()
-    x = images()
+    x = checks.images()
     labels = torch.tensor([1, 2])
     adapter = adapter_for(model)
     keep_mask = attention_keep_mask("self_only", T, 1, True)
     assert torch.equal(keep_mask[1:, 1:], torch.eye(N))  # what the self-attention blocks see
     with torch.no_grad():
         unperturbed = model(x)
-        handles = attention_edit_hooks(model, torch.eye(N))
-        captured: list[torch.Tensor] = []
-        handles += [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in model.blocks]
-        expected = model(x)
+        # timm's own TalkingHeadAttn, its post-proj_w probabilities multiplied by the mask at attn_drop
+        with checks.recording({"output": model.blocks}) as captured:
+            handles = checks.timm_with_probs(model.blocks, lambda probs: probs * torch.eye(N))
+            expected = model(x)
         for handle in handles:
             handle.remove()
         traces = list(adapter.iter_block_traces(adapter.embed(x), keep_mask))
     assert not torch.allclose(expected, unperturbed, atol=1e-3)
-    for trace, block_out in zip(traces[:DEPTH], captured):
+    for trace, block_out in zip(traces[:DEPTH], captured["output"]):
         torch.testing.assert_close(trace.resid_post, block_out, atol=1e-5, rtol=1e-5)
         off_diagonal = trace.attn_probs * (1 - torch.eye(N))
         assert bool((off_diagonal == 0).all())
@@ -193,7 +123,7 @@ def test_self_only_equals_timms_attention_with_its_probabilities_masked() -> Non
 
 def test_no_cls_is_skipped_because_it_changes_nothing() -> None:
     model = tiny_cait()
-    x, labels = images(), torch.tensor([1, 2])
+    x, labels = checks.images(), torch.tensor([1, 2])
     reason = adapter_for(model).anatomy.skip_reason("attn_no_cls")
     assert reason is not None and "no image-token query attends to the CLS" in reason
     plain = Lens(model).run(x, labels)
@@ -219,7 +149,7 @@ def test_token_removal_equals_timm_on_the_shortened_sequence(pool: str) -> None:
     proj_w's bias would otherwise weight removed keys) == timm on the kept tokens."""
     model = tiny_cait(global_pool=pool)
     assert float(model.blocks[0].attn.proj_w.bias.detach().abs().min()) > 0
-    x, labels = images(3), torch.tensor([0, 4, 9])
+    x, labels = checks.images(3), torch.tensor([0, 4, 9])
     orders = [torch.randperm(N, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
     kept = torch.stack([order[:6].sort().values for order in orders])  # [B, 6] image indices
     token_keep = torch.zeros(3, N, dtype=torch.bool).scatter_(1, kept, True)
@@ -250,7 +180,7 @@ def test_skips_and_refusals_name_their_reason() -> None:
     assert set(skipped) == {"attn_no_cls", "explain"}
     assert "class-attention blocks" in skipped["explain"]
     with pytest.raises(UserError, match="explainability does not apply to this model: METHOD §6"):
-        block_head_importance(model, images(), torch.tensor([0, 1]))
+        block_head_importance(model, checks.images(), torch.tensor([0, 1]))
     with pytest.raises(UserError, match="global_pool=''"):
         adapter_for(tiny_cait(global_pool=""))
     with pytest.raises(UserError, match="without class-attention blocks"):

@@ -22,6 +22,8 @@ from vitlens.lens.families import adapter_for
 from vitlens.lens.families.eva import EvaAdapter
 from vitlens.lens.parity import check_parity
 
+from tests.family_checks import assert_usual_refusals, tiny
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 ROPE = dict(use_rot_pos_emb=True)
 ARCHITECTURES: dict[str, dict] = {
@@ -73,17 +75,8 @@ def one_thread():
 def tiny_eva(arch: str, seed: int = 0, **overrides: object) -> Eva:
     """A tiny `Eva` with every parameter re-drawn at a scale where logits and attention are far
     from uniform (timm's init gives logits ~1e-3, too small for a parity check to mean much)."""
-    torch.manual_seed(seed)
-    model = Eva(**{**TINY, **ARCHITECTURES[arch], **overrides}).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            elif name.startswith("rope."):
-                parameter.mul_(4.0)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
+    return tiny(lambda: Eva(**{**TINY, **ARCHITECTURES[arch], **overrides}), seed,
+                (lambda name: name.startswith("rope."), lambda p: p.mul_(4.0)))
 
 
 def images_for(seed: int = 1, batch: int = 3) -> torch.Tensor:
@@ -400,10 +393,7 @@ def test_anatomy() -> None:
 
 
 def test_refusals_name_what_does_not_apply() -> None:
-    with pytest.raises(UserError, match="global_pool=''"):
-        adapter_for(Eva(**{**TINY, "global_pool": ""}))
-    with pytest.raises(UserError, match="headless"):
-        adapter_for(Eva(**{**TINY, "num_classes": 0}))
+    assert_usual_refusals(lambda **options: Eva(**{**TINY, **options}))
     model = tiny_eva("eva02_glu_gap")
     model.blocks[1].mlp = torch.nn.Sequential(torch.nn.Linear(32, 32))
     with pytest.raises(UserError, match="block 2: unsupported MLP Sequential"):

@@ -5,6 +5,8 @@ lens end to end, explainability's last block against autograd through timm, refu
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from timm.layers import GluMlp, SwiGLU
@@ -18,6 +20,9 @@ from vitlens.lens.families import adapter_for
 from vitlens.lens.families.naflex import NaFlexAdapter
 from vitlens.lens.parity import check_parity
 from vitlens.lens.perturb import attention_keep_mask
+
+from tests.family_checks import images as seeded_images
+from tests.family_checks import recording, timm_with_probs, tiny
 
 INPUT = (32, 48)  # not square: a transposed grid would show
 GRID = (4, 6)
@@ -55,22 +60,14 @@ def tiny_naflex(option: str, seed: int = 0, input_size: tuple[int, int] = INPUT,
     """A tiny NaFlexVit of the real class, every parameter re-drawn at a scale where attention
     is far from uniform. A position table of its own size sets the grid from `img_size`;
     otherwise the input size is timm's nominal one (the `pretrained_cfg`)."""
-    torch.manual_seed(seed)
     cfg = NaFlexVitCfg(**{**TINY, **OPTIONS[option], **overrides})
-    model = NaFlexVit(cfg, num_classes=10, img_size=input_size).eval()
+    model = tiny(lambda: NaFlexVit(cfg, num_classes=10, img_size=input_size), seed)
     if model.embeds.default_img_size is None:
         model.pretrained_cfg = {"input_size": (3, *input_size)}
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.3)
     return model
 
 
-def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *INPUT, generator=torch.Generator().manual_seed(seed))
+images = partial(seeded_images, size=INPUT)  # [B, 3, 32, 48]
 
 
 def one_token_sequences(model: NaFlexVit, hidden: torch.Tensor) -> torch.Tensor:
@@ -160,22 +157,12 @@ def test_embed_layout_conv_stem_by_hand() -> None:
 
 def capture_streams(model: NaFlexVit, x: torch.Tensor, post_norm: bool) -> dict[str, list[torch.Tensor]]:
     """Per block, what timm's own forward computes, recorded with hooks on its modules."""
-    record: dict[str, list[torch.Tensor]] = {k: [] for k in ("pre", "attn", "mlp", "post", "attn_coef", "mlp_coef")}
-    hooks = []
-    for block in model.blocks:
-        attn_module, mlp_module = (block.norm1, block.norm2) if post_norm else (block.ls1, block.ls2)
-        hooks += [
-            block.register_forward_pre_hook(lambda m, args: record["pre"].append(args[0])),
-            block.register_forward_hook(lambda m, i, o: record["post"].append(o)),
-            attn_module.register_forward_hook(lambda m, i, o: record["attn"].append(o)),
-            mlp_module.register_forward_hook(lambda m, i, o: record["mlp"].append(o)),
-            block.attn.proj.register_forward_pre_hook(lambda m, args: record["attn_coef"].append(args[0])),
-            block.mlp.fc1.register_forward_hook(lambda m, i, o: record["mlp_coef"].append(o)),
-        ]
-    with torch.no_grad():
+    blocks = list(model.blocks)
+    points = {"pre": blocks, "post": blocks, "attn_coef": [b.attn.proj for b in blocks],
+              "attn": [b.norm1 if post_norm else b.ls1 for b in blocks],
+              "mlp": [b.norm2 if post_norm else b.ls2 for b in blocks], "mlp_coef": [b.mlp.fc1 for b in blocks]}
+    with recording(points, inputs={"pre", "attn_coef"}) as record, torch.no_grad():
         model(x)
-    for hook in hooks:
-        hook.remove()
     return record
 
 
@@ -204,10 +191,7 @@ def test_streams_match_timm_hooks(option: str) -> None:
 def test_attention_probabilities_match_timms_unfused_path() -> None:
     model = tiny_naflex("map_register")
     captured: list[torch.Tensor] = []
-    hooks = []
-    for block in model.blocks:
-        block.attn.fused_attn = False
-        hooks.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: captured.append(o)))
+    hooks = timm_with_probs(model.blocks, captured.append)
     x = images()
     with torch.no_grad():
         expected = model(x)

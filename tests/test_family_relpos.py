@@ -10,11 +10,11 @@ LayerScale init would hide the blocks).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.layers import RelPosBiasTf
-from timm.models.vision_transformer import Block as VitBlock
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
 from vitlens.errors import UserError
@@ -22,8 +22,9 @@ from vitlens.explain.gradients import block_head_importance
 from vitlens.lens import STREAM_ATTN, STREAM_MLP, STREAM_RESID, Lens
 from vitlens.lens.families import adapter_for
 from vitlens.lens.families.relpos import RelPosAdapter
-from vitlens.lens.parity import check_parity
 from vitlens.lens.perturb import attention_keep_mask
+
+from tests import family_checks as checks
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, rel_pos_dim=16)  # 4 x 4 grid
 CLS = dict(class_token=True, global_pool="token")
@@ -40,30 +41,15 @@ OPTIONS = {
     "mlp_swin_cls_gap": dict(class_token=True, rel_pos_type="mlp_swin"),
     "qk_norm_no_layer_scale": dict(**CLS, qk_norm=True, init_values=None),
 }
+images = partial(checks.images, seed=7)  # [B, 3, 32, 32]
 
 
 def tiny_relpos(option: str, seed: int = 0) -> VisionTransformerRelPos:
     """A tiny `VisionTransformerRelPos` with every parameter re-drawn (attention far from uniform)."""
-    torch.manual_seed(seed)
-    model = VisionTransformerRelPos(**{**TINY, **OPTIONS[option]}).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            elif "relative_position_bias_table" in name:
-                parameter.normal_(0.0, 1.5)
-            elif name.endswith("gamma"):
-                parameter.uniform_(0.3, 1.0)
-            elif "rel_pos.mlp" in name:
-                parameter.normal_(0.0, 1.0)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
-
-
-def images(batch: int = 2) -> torch.Tensor:
-    """# -> [B, 3, 32, 32]"""
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    return checks.tiny(lambda: VisionTransformerRelPos(**{**TINY, **OPTIONS[option]}), seed,
+                (lambda name: "relative_position_bias_table" in name, lambda p: p.normal_(0.0, 1.5)),
+                (lambda name: name.endswith("gamma"), lambda p: p.uniform_(0.3, 1.0)),
+                (lambda name: "rel_pos.mlp" in name, lambda p: p.normal_(0.0, 1.0)))
 
 
 def shared_bias(model: VisionTransformerRelPos) -> torch.Tensor | None:
@@ -74,38 +60,19 @@ def shared_bias(model: VisionTransformerRelPos) -> torch.Tensor | None:
 def capture(model: VisionTransformerRelPos, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """timm's own forward with, per block: its input and output, what each sub-layer adds to the
     residual (the output of `ls1` / `ls2`, or of the post-norms `norm1` / `norm2`), the input of
-    `attn.proj` and the `fc1` output.
+    `attn.proj` and the `fc1` output; the input of the final norm.
 
     # x: [B, 3, H, W] -> lists over blocks of [B, T, ...]
     """
-    seen: dict[str, list[torch.Tensor]] = {k: [] for k in ("input", "attn_add", "proj_in", "mlp_add", "fc1", "output")}
-    handles = []
-    for block in model.blocks:
-        post = isinstance(block, ResPostRelPosBlock)
-        handles.append(block.register_forward_pre_hook(lambda m, a: seen["input"].append(a[0])))
-        handles.append(block.register_forward_hook(lambda m, a, o: seen["output"].append(o)))
-        attn_add, mlp_add = (block.norm1, block.norm2) if post else (block.ls1, block.ls2)
-        handles.append(attn_add.register_forward_hook(lambda m, a, o: seen["attn_add"].append(o)))
-        handles.append(mlp_add.register_forward_hook(lambda m, a, o: seen["mlp_add"].append(o)))
-        handles.append(block.attn.proj.register_forward_pre_hook(lambda m, a: seen["proj_in"].append(a[0])))
-        handles.append(block.mlp.fc1.register_forward_hook(lambda m, a, o: seen["fc1"].append(o)))
-    final: list[torch.Tensor] = []
-    handles.append(model.norm.register_forward_pre_hook(lambda m, a: final.append(a[0])))
-    try:
+    blocks = list(model.blocks)
+    post = [isinstance(block, ResPostRelPosBlock) for block in blocks]
+    points = {"input": blocks, "output": blocks,
+              "attn_add": [b.norm1 if p else b.ls1 for b, p in zip(blocks, post)],
+              "mlp_add": [b.norm2 if p else b.ls2 for b, p in zip(blocks, post)],
+              "proj_in": [b.attn.proj for b in blocks], "fc1": [b.mlp.fc1 for b in blocks], "final": [model.norm]}
+    with checks.recording(points, inputs={"input", "proj_in", "final"}) as seen:
         seen["logits"] = [model(x)]
-    finally:
-        for handle in handles:
-            handle.remove()
-    seen["final"] = final
     return seen
-
-
-def timm_with_probs(model: VisionTransformerRelPos, edit) -> None:
-    """Switch timm's attention to its unfused path and let `edit(probs)` replace the output of
-    every block's `attn_drop` (the post-softmax attention)."""
-    for block in model.blocks:
-        block.attn.fused_attn = False
-        block.attn.attn_drop.register_forward_hook(lambda m, a, o: edit(o))
 
 
 def token_logits(model: VisionTransformerRelPos, hidden: torch.Tensor) -> torch.Tensor:
@@ -119,24 +86,12 @@ def token_logits(model: VisionTransformerRelPos, hidden: torch.Tensor) -> torch.
 # ---- parity ------------------------------------------------------------------------------
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_parity_every_option(option: str) -> None:
-    model = tiny_relpos(option)
-    result = check_parity(model, images())
-    assert result.logit_scale > 1.0
-    assert result.ok, result
-    assert result.forward_error < 1e-5 and result.projection_error < 1e-5
+    checks.assert_parity(tiny_relpos(option), images())
 
 
 @pytest.mark.parametrize("option", ["gap_norm_before_pool", "gap_fc_norm", "cls_gap_fc_norm", "cls_token_pool"])
 def test_projection_is_the_pooled_head_of_one_token(option: str) -> None:
-    model = tiny_relpos(option)
-    adapter = adapter_for(model)
-    hidden = torch.randn(3, 4, 32)
-    with torch.no_grad():
-        for t in range(4):
-            h = hidden[:, t]  # [3, d]
-            sequence = h[:, None].expand(-1, model.num_prefix_tokens + 16, -1)  # every token h
-            expected = model.forward_head(model.norm(sequence))
-            assert torch.allclose(adapter.project(h), expected, atol=1e-5)
+    checks.assert_projects_as_pooled_head(tiny_relpos(option), width=32, count=4)
 
 
 # ---- streams -----------------------------------------------------------------------------
@@ -148,41 +103,20 @@ def test_streams_are_timm_modules_outputs(option: str) -> None:
     assert adapter.anatomy.post_norm == (option == "post_norm_cls")
     with torch.no_grad():
         seen = capture(model, x)
-        hidden = adapter.embed(x)
-        assert torch.allclose(hidden, seen["input"][0], atol=1e-6)
-        for b, trace in enumerate(adapter.iter_block_traces(hidden)):
-            block = model.blocks[b]
-            assert torch.allclose(trace.resid_pre, seen["input"][b], atol=1e-5)
-            assert torch.allclose(trace.attn_out, seen["attn_add"][b], atol=1e-5)
-            assert torch.allclose(trace.attn_coefficients, seen["proj_in"][b], atol=1e-5)
-            assert torch.allclose(trace.resid_mid, seen["input"][b] + seen["attn_add"][b], atol=1e-5)
-            assert torch.allclose(trace.mlp_out, seen["mlp_add"][b], atol=1e-5)
-            assert torch.allclose(trace.mlp_coefficients, seen["fc1"][b], atol=1e-5)
-            assert torch.allclose(trace.resid_post, seen["output"][b], atol=1e-5)
-            assert adapter.value_vectors(b + 1, "attn") is block.attn.proj.weight
-            assert adapter.value_vectors(b + 1, "mlp") is block.mlp.fc2.weight
-        assert torch.allclose(adapter.model_logits(trace.resid_post), seen["logits"][0], atol=1e-5)
+    checks.assert_streams_are(adapter, x, seen)
 
 
 @pytest.mark.parametrize("option", ["gap_norm_before_pool", "gap_shared_rel_pos", "bias_table_cls", "mlp_swin_cls_gap"])
 def test_attention_probabilities_are_timms_unfused(option: str) -> None:
     model = tiny_relpos(option)
     x = images()
-    adapter = adapter_for(model)
     tokens = model.num_prefix_tokens + 16
-    recorded: list[torch.Tensor] = []
-    timm_with_probs(model, lambda probs: recorded.append(probs))
+    recorded = checks.assert_probs_are_timms_unfused(model, x)
     with torch.no_grad():
-        expected = model(x)
-        resid = adapter.embed(x)
-        for b, trace in enumerate(adapter.iter_block_traces(resid, need_probs=True)):
-            assert trace.attn_probs.shape == (2, 2, tokens, tokens)
-            assert torch.allclose(trace.attn_probs, recorded[b], atol=1e-6)
-            resid = trace.resid_post
-        assert torch.allclose(adapter.model_logits(resid), expected, atol=1e-5)
         # the position bias matters: without it the probabilities differ
         block = model.blocks[0]
-        attn_input = adapter.embed(x) if isinstance(block, ResPostRelPosBlock) else block.norm1(adapter.embed(x))
+        embedded = adapter_for(model).embed(x)
+        attn_input = embedded if isinstance(block, ResPostRelPosBlock) else block.norm1(embedded)
         q, k, _ = block.attn.qkv(attn_input).reshape(2, tokens, 3, 2, 16).permute(2, 0, 3, 1, 4)
         plain = ((block.attn.q_norm(q) * block.attn.scale) @ block.attn.k_norm(k).transpose(-2, -1)).softmax(-1)
         assert (plain - recorded[0]).abs().max() > 1e-2
@@ -196,7 +130,6 @@ def test_attention_probabilities_are_timms_unfused(option: str) -> None:
 def test_attention_perturbation_is_timms_masked_forward(option: str, perturbation: str) -> None:
     model = tiny_relpos(option)
     x = images()
-    adapter = adapter_for(model)
     prefix = model.num_prefix_tokens
     tokens = prefix + 16
     # by hand: self_only keeps i->i and i->CLS for image queries, no_cls drops i->CLS
@@ -206,17 +139,7 @@ def test_attention_perturbation_is_timms_masked_forward(option: str, perturbatio
     else:
         mask[1:, 0] = 0.0
     assert torch.equal(attention_keep_mask(perturbation, tokens, prefix, prefix == 1), mask)
-    outputs: list[torch.Tensor] = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda m, a, o: outputs.append(o))
-    timm_with_probs(model, lambda probs: probs * mask)
-    with torch.no_grad():
-        expected = model(x)
-        resid = adapter.embed(x)
-        for b, trace in enumerate(adapter.iter_block_traces(resid, keep_mask=mask)):
-            assert torch.allclose(trace.resid_post, outputs[b], atol=1e-5)
-            resid = trace.resid_post
-        assert torch.allclose(adapter.model_logits(resid), expected, atol=1e-5)
+    expected, outputs = checks.assert_keep_mask_is_timms(model, x, mask)
     labels = torch.tensor([2, 5])
     out = Lens(model).run(x, labels, attention_perturbation=perturbation)
     assert torch.equal(out.prediction, expected.argmax(-1))
@@ -250,7 +173,7 @@ def test_token_removal_is_timms_renormalised_attention_over_kept_keys(option: st
             weights = probs * keys[:, None, None, :]
             return weights / weights.sum(-1, keepdim=True)
 
-        timm_with_probs(probe, remove)
+        checks.timm_with_probs(probe.blocks, remove)
         with torch.no_grad():
             hidden = capture(probe, x.double())["final"][0]
             if probe.global_pool == "token":
@@ -283,16 +206,8 @@ def test_lens_run_end_to_end(option: str) -> None:
     x = images(3)
     labels = torch.tensor([0, 4, 9])
     seen = capture(model, x)
-    out = Lens(model).run(x, labels)
-    assert out.rank.shape == (3, 3, 3, 16)
-    assert torch.equal(out.prediction, seen["logits"][0].argmax(-1))
+    out = checks.assert_lens_resid_is_timms(model, x, labels, seen, lambda h: token_logits(model, h))
     with torch.no_grad():
-        for slot in range(3):
-            hidden = seen["input"][0] if slot == 0 else seen["output"][slot - 1]
-            logits = token_logits(model, hidden)
-            correct = logits[torch.arange(3), :, labels]  # [B, T]
-            assert torch.allclose(out.correct_logit[:, slot, STREAM_RESID], correct, atol=1e-4)
-            assert torch.equal(out.rank[:, slot, STREAM_RESID].long(), (logits > correct[..., None]).sum(-1))
         for stream, name in ((STREAM_ATTN, "attn_add"), (STREAM_MLP, "mlp_add")):
             logits = token_logits(model, seen[name][1])  # after ls / the post-norm (METHOD §1)
             assert torch.allclose(out.correct_logit[:, 2, stream], logits[torch.arange(3), :, labels], atol=1e-4)
@@ -301,27 +216,7 @@ def test_lens_run_end_to_end(option: str) -> None:
 @pytest.mark.parametrize("option", ["cls_token_pool", "post_norm_cls"])
 def test_explain_gradients_are_timms(option: str) -> None:
     model = tiny_relpos(option)
-    x = images()
-    labels = torch.tensor([3, 6])
-    importance = block_head_importance(model, x, labels)  # [B, L, H, N]
-    assert importance.shape == (2, 2, 2, 16)
-    seen = capture(model, x)
-    for b, block in enumerate(model.blocks):
-        leaves: list[torch.Tensor] = []
-
-        def leaf_row(m, a, probs):
-            row = probs[:, :, 0].detach().clone().requires_grad_(True)
-            leaves.append(row)
-            return torch.cat([row[:, :, None], probs[:, :, 1:].detach()], dim=2)
-
-        block.attn.fused_attn = False
-        handle = block.attn.attn_drop.register_forward_hook(leaf_row)
-        out = block(seen["input"][b].detach(), shared_rel_pos=shared_bias(model))
-        handle.remove()
-        loss = F.cross_entropy(model.forward_head(model.norm(out)), labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, leaves[0])
-        assert torch.allclose(importance[:, b], -grad[:, :, 1:], atol=1e-5)
-        assert grad.abs().max() > 1e-4
+    checks.assert_explain_gradients_are_timms(model, images(), torch.tensor([3, 6]), shared_rel_pos=shared_bias(model))
 
 
 # ---- what is refused / skipped -----------------------------------------------------------
@@ -339,14 +234,8 @@ def test_skipped_experiments() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(UserError, match="global_pool=''"):
-        RelPosAdapter(VisionTransformerRelPos(**{**TINY, "global_pool": ""}))
-    with pytest.raises(UserError, match="headless"):
-        adapter_for(VisionTransformerRelPos(**{**TINY, "num_classes": 0}))
-    model = tiny_relpos("gap_fc_norm")
-    model.blocks[1] = VitBlock(32, 2)
-    with pytest.raises(UserError, match="block 2: unsupported transformer block Block"):
-        adapter_for(model)
+    checks.assert_usual_refusals(lambda **options: VisionTransformerRelPos(**{**TINY, **options}))
+    assert type(adapter_for(tiny_relpos("gap_fc_norm"))) is RelPosAdapter
     model = tiny_relpos("gap_fc_norm")
     model.blocks[0].attn.rel_pos = RelPosBiasTf((4, 4), num_heads=2)
     with pytest.raises(UserError, match="block 1's rel_pos: unsupported relative position module RelPosBiasTf"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import (
     Block,
@@ -21,6 +20,7 @@ from vitlens.lens import Lens, adapter_for
 from vitlens.lens.families.base import ModelAdapter
 from vitlens.lens.parity import check_parity
 
+from tests.family_checks import timm_block_outputs
 from tests.test_lens_forward import tiny_vit  # a tiny ViT with attention far from uniform
 
 OPTIONS = {
@@ -40,8 +40,6 @@ OPTIONS = {
 }
 
 
-
-
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_parity_and_lens_for_every_option(option: str) -> None:
     model = tiny_vit(**OPTIONS[option])
@@ -58,15 +56,7 @@ def test_parity_and_lens_for_every_option(option: str) -> None:
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_block_outputs_equal_timms_own_blocks(option: str) -> None:
     model = tiny_vit(**OPTIONS[option])
-    images = torch.randn(2, 3, 32, 32)
-    captured: list[torch.Tensor] = []
-    handles = [block.register_forward_hook(lambda _m, _i, out: captured.append(out)) for block in model.blocks]
-    with torch.inference_mode():
-        model(images)
-        adapter = adapter_for(model)
-        traces = list(adapter.iter_block_traces(adapter.embed(images)))
-    for handle in handles:
-        handle.remove()
+    captured, traces = timm_block_outputs(model, torch.randn(2, 3, 32, 32), model.blocks)
     for trace, expected in zip(traces, captured):
         torch.testing.assert_close(trace.resid_post, expected, atol=1e-5, rtol=1e-5)
         # the sub-layers add exactly what the block adds

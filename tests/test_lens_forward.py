@@ -9,6 +9,8 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from vitlens.lens import Lens, STREAM_RESID, describe_model, embed, iter_block_traces, model_logits, project
 from vitlens.lens.attention import attention_sublayer
 
+from tests.family_checks import tiny
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 ARCHITECTURES = {
     "cls": {},
@@ -19,15 +21,7 @@ ARCHITECTURES = {
 
 def tiny_vit(seed: int = 0, **overrides: object) -> VisionTransformer:
     """A tiny timm ViT with every parameter re-drawn at a scale where attention is far from uniform."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(**{**TINY, **overrides}).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0.0, 0.3)
-    return model
+    return tiny(lambda: VisionTransformer(**{**TINY, **overrides}), seed)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -18,6 +18,7 @@ from vitlens.errors import UserError
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vitlens.cli.shards",
     "vitlens.cli.models",
+    "vitlens.cli.heads",
     "vitlens.cli.run",
     "vitlens.cli.train",
     "vitlens.cli.demo",

@@ -28,11 +28,12 @@ def explain_command(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
 
+    from vitlens.data.geometry import EvalGeometry
     from vitlens.explain.evaluate import ours_method_name
     from vitlens.explain.gradients import block_head_importance, global_importance
     from vitlens.explain.heatmaps import save_heatmap, token_grid
+    from vitlens.lens.families import adapter_for
     from vitlens.models.registry import load_variant
 
     image_path = Path(args.image)
@@ -42,23 +43,20 @@ def explain_command(args: argparse.Namespace) -> int:
         raise UserError(f"{image_path}: cannot read the image ({error})") from error
     loaded = load_variant(args.variant, head_path=args.head)
     model = loaded.model
-    config = loaded.data_config
-    transform = create_transform(input_size=config["input_size"], interpolation=config["interpolation"],
-                                 mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
-                                 crop_mode=config.get("crop_mode", "center"))
-    images = transform(picture)[None]  # [1, 3, S, S]
+    anatomy = adapter_for(model).anatomy  # any family: timm, open_clip, transformers
+    images = EvalGeometry.from_data_config(loaded.data_config).image(picture)[None]  # [1, 3, H, W], as the job reads it
     chosen = _class_index(args.class_of_interest, loaded.class_names)
     if chosen is None:
         with torch.inference_mode():
             chosen = int(model(images).argmax(dim=1))
-    num_blocks = len(model.blocks)
+    num_blocks = anatomy.num_blocks
     blocks = args.blocks or list(range(1, num_blocks + 1))
     bad = [b for b in blocks if not 1 <= b <= num_blocks]
     if bad:
         raise UserError(f"--blocks {bad}: the variant has blocks 1..{num_blocks}")
     importance = block_head_importance(model, images, torch.tensor([chosen]), args.source,
                                        ln=args.ln, loss=args.loss)[0]  # [L, H, N]
-    grid_size = tuple(model.patch_embed.grid_size)
+    grid_size = tuple(anatomy.grid_size)
     display = np.asarray(picture.resize((images.shape[-1], images.shape[-2])))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,26 @@ WEIGHT_SOURCES = {
 EXIT_PARTIAL = 3
 
 
+#: the other libraries' variants: their classes come from their own config or a head file
+LIBRARIES = ("open_clip", "transformers")
+
+
+def _model_source(spec: "VariantSpec") -> str:
+    """What builds the variant, as printed: the timm name, the zoo card, or the library's name."""
+    if spec.library in LIBRARIES:
+        return f"{spec.library} {spec.source}"
+    return f"timm {spec.timm_name}" if spec.timm_name else "(zoo card)"
+
+
+def _weights_text(spec: "VariantSpec") -> str:
+    """Where the weights come from, as printed."""
+    if spec.library in LIBRARIES and spec.weights == "hub":
+        return f"{spec.library}'s own download or cache (or its local folder)"
+    if spec.library in LIBRARIES and spec.weights == "checkpoint":
+        return "local checkpoint file (open_clip) or save_pretrained folder (transformers)"
+    return WEIGHT_SOURCES[spec.weights]
+
+
 def _classes(spec: "VariantSpec") -> str:
     """The class count of a spec as printed (timm default when the spec does not fix it)."""
     return str(spec.num_classes) if spec.num_classes is not None else "1000"
@@ -37,7 +57,8 @@ def list_command(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"\nAlso: any timm ViT by name (timm:<name>), and NAME{RANDOM_SUFFIX} for the random twin.")
+    print(f"\nAlso: any timm ViT by name (timm:<name>), open_clip:ARCH[/PRETRAINED], hf:ORG/NAME or "
+          f"hf:FOLDER, and NAME{RANDOM_SUFFIX} for the random twin.")
     print("Check which the lens analyses exactly: vitlens models check NAME... (or --all-timm).")
     return 0
 
@@ -50,8 +71,8 @@ def show_command(args: argparse.Namespace) -> int:
     spec = get_variant(args.name)
     print(f"name:        {spec.name}")
     print(f"role:        {spec.role}")
-    print(f"timm model:  {spec.timm_name or '(zoo card)'}")
-    print(f"weights:     {spec.weights} — {WEIGHT_SOURCES[spec.weights]}")
+    print(f"model:       {_model_source(spec)}")
+    print(f"weights:     {spec.weights} — {_weights_text(spec)}")
     if spec.weights == "checkpoint":
         print(f"checkpoint:  {args.checkpoint or spec.checkpoint_path or '(required: --checkpoint FILE)'}")
     if spec.ignored_checkpoint_keys:
@@ -61,7 +82,8 @@ def show_command(args: argparse.Namespace) -> int:
         print(f"head file:   {args.head}")
     if spec.weights == "random":
         print(f"seed:        {spec.random_seed}")
-    print(f"classes:     {_classes(spec)}")
+    if spec.library not in LIBRARIES:
+        print(f"classes:     {_classes(spec)}")
     if spec.description:
         print(f"description: {spec.description}")
     if args.load:
@@ -153,16 +175,10 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def parse_count(text: str) -> int:
-    """A parameter count such as `700000000`, `700M`, `1.5B` or `86k` (argparse type)."""
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower(), 1)
-    number = text[:-1] if scale != 1 else text
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 700M, 1.5B, 86000000)") from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"a parameter count must be >= 1, not {text!r}")
-    return int(value)
+    """A parameter count such as `700M` (argparse type; `vitlens.models.coverage.parse_count`)."""
+    from vitlens.models.coverage import parse_count as parse
+
+    return parse(text)
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:

@@ -12,6 +12,9 @@ resize and crop can be applied to the segmentation mask (nearest neighbour, ids 
 - `border`: resize so the LONGER side fits the scale size, then centre crop or pad to
   `input_size` (timm pads the image with the mean colour).
 Pixels that padding adds to the mask get the ignore id (1000): they are not image content.
+The centre crop starts at `round((size - crop) / 2)` per axis, as torchvision and timm do
+(`crop_offset = "round"`); Hugging Face image processors start it at `(size - crop) // 2`
+(`crop_offset = "floor"`, which the transformers loaders put in their data config).
 The image is converted to RGB, scaled to [0, 1] and normalised with `mean`/`std`.
 """
 
@@ -32,13 +35,17 @@ from vitlens.data.sample_format import MASK_IGNORE_ID
 from vitlens.errors import UserError
 
 CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
+CROP_OFFSETS: tuple[str, ...] = ("round", "floor")
 DEFAULT_CROP_PCT: float = 0.875  # timm's default when a config gives none
 
 
-def _pad_and_crop_offsets(size: int, crop: int) -> tuple[int, int]:
-    """(pad_before, crop_start) of one axis, exactly as torchvision/timm centre crop-or-pad."""
+def _pad_and_crop_offsets(size: int, crop: int, offset: str = "round") -> tuple[int, int]:
+    """(pad_before, crop_start) of one axis, exactly as torchvision/timm centre crop-or-pad
+    (`offset="round"`), or with the crop start rounded down as transformers does (`"floor"`)."""
     pad_before = (crop - size) // 2 if crop > size else 0
     padded = size + ((crop - size) if crop > size else 0)
+    if offset == "floor":
+        return pad_before, (padded - crop) // 2
     return pad_before, int(round((padded - crop) / 2.0))
 
 
@@ -52,9 +59,12 @@ class EvalGeometry:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_offset: str = "round"  # where the centre crop starts: "round" (torchvision, timm), "floor" (transformers)
 
     def __post_init__(self) -> None:
         """Reject settings this geometry does not reproduce."""
+        if self.crop_offset not in CROP_OFFSETS:
+            raise UserError(f"data config crop_offset {self.crop_offset!r} is not one of {CROP_OFFSETS}")
         if self.crop_mode not in CROP_MODES:
             raise UserError(f"data config crop_mode {self.crop_mode!r} is not one of {CROP_MODES}")
         if not self.crop_pct > 0:
@@ -76,6 +86,7 @@ class EvalGeometry:
                 interpolation=str(cfg.get("interpolation") or "bilinear"),
                 mean=tuple(float(v) for v in cfg["mean"]),
                 std=tuple(float(v) for v in cfg["std"]),
+                crop_offset=str(cfg.get("crop_offset") or "round"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"data config {dict(cfg)} is incomplete or malformed: {err}") from err
@@ -96,8 +107,8 @@ class EvalGeometry:
     def _crop_or_pad(self, pixels: np.ndarray, fill: np.ndarray | int) -> np.ndarray:
         """Centre crop-or-pad the first two axes of pixels [h, w, ...] to input_size."""
         crop_h, crop_w = self.input_size
-        pad_top, top = _pad_and_crop_offsets(pixels.shape[0], crop_h)
-        pad_left, left = _pad_and_crop_offsets(pixels.shape[1], crop_w)
+        pad_top, top = _pad_and_crop_offsets(pixels.shape[0], crop_h, self.crop_offset)
+        pad_left, left = _pad_and_crop_offsets(pixels.shape[1], crop_w, self.crop_offset)
         out = np.empty((crop_h, crop_w, *pixels.shape[2:]), dtype=pixels.dtype)
         out[...] = fill
         # Source rows/cols of the (virtually) padded image that land in the crop.

@@ -43,7 +43,6 @@ GRADIENT_SOURCES: tuple[str, ...] = ("resid", "attn")
 NormScale = Literal["live", "frozen"]
 GradientLoss = Literal["ce", "logit"]
 #: The head-path norms `ln="frozen"` acts on (attribute names on the timm model).
-FINAL_NORMS: tuple[str, ...] = ("norm", "fc_norm")
 
 
 def require_autograd() -> None:
@@ -138,17 +137,23 @@ FROZEN_NORMS: dict[type, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 }
 if hasattr(torch.nn, "RMSNorm"):
     FROZEN_NORMS[torch.nn.RMSNorm] = _frozen_rms_norm
+try:  # open_clip's LayerNorms: torch's arithmetic, cast back to the input dtype (optional extra)
+    from open_clip.transformer import LayerNorm as _OpenClipLayerNorm, LayerNormFp32 as _OpenClipLayerNormFp32
+except ImportError:
+    pass
+else:
+    FROZEN_NORMS[_OpenClipLayerNorm] = FROZEN_NORMS[_OpenClipLayerNormFp32] = _frozen_layer_norm
 
 
 def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The model's head-path norms (`norm`, `fc_norm`) that normalise (Identity left out);
+    """The head-path norms of `model` that normalise a token, as its family adapter names them
+    (timm: `norm`, `fc_norm`; open_clip: `ln_post`; transformers: the final layernorms);
     raises `UserError` naming a norm class `ln="frozen"` does not know.
     """
+    from vitlens.lens.families import adapter_for
+
     found = []
-    for name in FINAL_NORMS:
-        module = getattr(model, name, None)
-        if module is None or isinstance(module, torch.nn.Identity):
-            continue
+    for name, module in adapter_for(model).final_norms():
         if type(module) not in FROZEN_NORMS:
             known = sorted({f"{c.__module__}.{c.__name__}" for c in FROZEN_NORMS})
             raise UserError(f"ln='frozen' cannot detach the scale of model.{name} ({type(module).__name__}): "
@@ -159,7 +164,8 @@ def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 @contextlib.contextmanager
 def frozen_final_norm(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the `with` block, `model.norm` and `model.fc_norm` compute the same values with their
+    """Inside the `with` block, the model's head-path norms (`final_norms`: timm's `model.norm` and
+    `model.fc_norm`, open_clip's `ln_post`, ...) compute the same values with their
     per-token scale detached (LayerNorm's 1/σ, RmsNorm's 1/rms), so gradients flow through the
     norm as if the scale were a constant. Swaps the modules' `forward` and restores it on exit;
     the family adapters are untouched (`adapter.project` calls the modules).

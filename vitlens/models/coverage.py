@@ -1,10 +1,13 @@
-"""Which timm models the lens analyses exactly: one `CoverageRow` per model, shared by
+"""Which models the lens analyses exactly: one `CoverageRow` per model, shared by
 `vitlens models check` and `benchmarks/coverage_sweep.py`.
 
 For one model name, `check_model` builds its random twin (`NAME@random`: no download), runs
 `vitlens.lens.parity.check_parity` on two random images at the model's input size, and
 reports what the lens sees (family, prefix tokens, token grid and cell, experiments that do
-not apply). Every outcome is one of `STATUSES`:
+not apply). open_clip and transformers names (`open_clip:ARCH`, `hf:ORG/NAME`) are checked the
+same way; a contrastive tower gets a zero-shot class space from its own (random) text tower
+for the check (`ZERO_SHOT_CHECK_CLASSES`), as a job gets one from a head file. Every outcome
+is one of `STATUSES`:
 
 - `ok`: both parity checks hold (METHOD §1b);
 - `refused`: the registry, timm or the family adapter refused it with a one-line reason;
@@ -29,6 +32,7 @@ import timm
 import torch
 
 from vitlens.errors import UserError, one_line_reason
+from vitlens.lens.classifiers import ZeroShotClassifier, adapter_key
 from vitlens.lens.families import adapter_for
 from vitlens.lens.parity import check_parity
 from vitlens.models.registry import (
@@ -37,10 +41,13 @@ from vitlens.models.registry import (
     build_architecture,
     get_variant,
     is_headless,
+    load_library_model,
     load_variant,
     parameter_count,
     with_options,
 )
+from vitlens.models.library import LibraryModel, TextUnavailable
+from vitlens.models.zeroshot import attach_class_space, imagenet_class_names, openai_imagenet_templates
 
 #: The timm modules (`timm.models._registry._model_to_module`) whose architectures the sweep covers.
 COVERED_MODULES: tuple[str, ...] = (
@@ -52,6 +59,9 @@ DEFAULT_MAX_PARAMS = 700_000_000
 #: The classes a headless model's random twin gets when the check gives it a head itself.
 HEADLESS_CLASSES = 1000
 PARITY_IMAGES = 2
+#: a zero-shot tower's check builds its class space from these class names and templates
+ZERO_SHOT_CHECK_CLASSES: tuple[str, ...] = tuple(imagenet_class_names()[:10])
+ZERO_SHOT_CHECK_TEMPLATES = 2
 IMAGE_SEED = 0
 
 
@@ -131,7 +141,9 @@ def check_model(
     """
     spec = with_options(random_spec(name), head_path=head_path)
     display = name.removesuffix(RANDOM_SUFFIX)
-    row = dict(name=display, timm_module=timm_module_of(spec.timm_name), model_class="", family="", params=None)
+    library = spec.library in ("open_clip", "transformers")
+    module = spec.library if library else timm_module_of(spec.timm_name)
+    row = dict(name=display, timm_module=module, model_class="", family="", params=None)
 
     def finish(status: str, reason: str = "", **found: Any) -> CoverageRow:
         values = {**row, **found}
@@ -140,7 +152,13 @@ def check_model(
 
     try:
         meta = build_architecture(spec)
-        row.update(model_class=type(meta).__name__, timm_module=timm_module_of(spec.timm_name, meta))
+        row.update(model_class=adapter_key(meta).__name__,
+                   timm_module=module if library else timm_module_of(spec.timm_name, meta))
+        zero_shot = isinstance(meta, ZeroShotClassifier) and meta.num_classes == 0
+        if zero_shot:  # a contrastive tower: a class space from its own text tower, as a job's head file
+            meta.reset_classifier(len(ZERO_SHOT_CHECK_CLASSES))
+            row["note"] = (f"zero-shot: class space from {len(ZERO_SHOT_CHECK_CLASSES)} ImageNet names x "
+                           f"{ZERO_SHOT_CHECK_TEMPLATES} templates")
         if is_headless(meta) and head_path is None and headless_classes is not None:
             spec = dataclasses.replace(spec, num_classes=headless_classes)
             meta = build_architecture(spec)
@@ -150,14 +168,20 @@ def check_model(
             return finish("too_large", f"{row['params']:,} parameters > the limit of {max_params:,}")
         row["family"] = adapter_for(meta).family  # refused on the meta device as a job's variant check does
         del meta
-        loaded = load_variant(spec)
-        adapter = adapter_for(loaded.model)
+        if zero_shot:
+            library_model = load_library_model(spec)
+            model, row["note"] = _with_check_class_space(library_model, row["note"])
+            input_size = library_model.data_config["input_size"]
+        else:
+            loaded = load_variant(spec)
+            model, input_size = loaded.model, loaded.data_config["input_size"]
+        adapter = adapter_for(model)
         anatomy = adapter.anatomy
         row.update(family=adapter.family or row["model_class"], prefix=anatomy.num_prefix_tokens,
                    grid=tuple(anatomy.grid_size), cell=tuple(anatomy.token_cell), skipped=tuple(anatomy.skipped))
         generator = torch.Generator().manual_seed(seed)
-        images = torch.randn(PARITY_IMAGES, *loaded.data_config["input_size"], generator=generator)
-        parity = check_parity(loaded.model, images)
+        images = torch.randn(PARITY_IMAGES, *input_size, generator=generator)
+        parity = check_parity(model, images)
     except UserError as err:
         return finish("refused", str(err))
     except Exception as err:  # a bug in an adapter or in timm: reported, never hidden
@@ -169,11 +193,41 @@ def check_model(
                            f"{parity.projection_error:.2e} (tolerance {parity.tolerance:.1e})", **errors)
 
 
+def _with_check_class_space(loaded: LibraryModel, note: str) -> tuple[torch.nn.Module, str]:
+    """The zero-shot tower with the check's class space from its own text tower; where that
+    tower's tokenizer cannot be built here (a hub tokenizer, offline), random unit rows (the
+    image-side parity does not depend on which rows), said in the note."""
+    templates = openai_imagenet_templates()[:ZERO_SHOT_CHECK_TEMPLATES]
+    try:
+        return attach_class_space(loaded, ZERO_SHOT_CHECK_CLASSES, templates).eval(), note
+    except TextUnavailable:
+        generator = torch.Generator().manual_seed(IMAGE_SEED)
+        rows = torch.nn.functional.normalize(torch.randn(len(ZERO_SHOT_CHECK_CLASSES), loaded.model.feature_dim,
+                                                         generator=generator), dim=-1)
+        model = loaded.model
+        model.reset_classifier(len(rows))
+        with torch.no_grad():
+            model.head.weight.copy_(rows * float(loaded.logit_scale or 1.0))
+            model.head.bias = None
+        return model.eval(), "zero-shot: text tokenizer unavailable offline, class space of 10 random unit rows"
+
+
+def parse_count(text: str) -> int:
+    """A parameter count such as `700000000`, `700M`, `1.5B` or `86k` (argparse type)."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 700M, 1.5B, 86000000)") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"a parameter count must be >= 1, not {text!r}")
+    return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Check one model and print its row as one line of JSON (exit 0 whatever the status;
     2 with a one-line message for an unknown name)."""
-    from vitlens.cli.models import parse_count
-
     parser = argparse.ArgumentParser(prog="python -m vitlens.models.coverage", description=main.__doc__)
     parser.add_argument("name", help="a registry or timm model name (its random twin is checked)")
     parser.add_argument("--max-params", type=parse_count, default=DEFAULT_MAX_PARAMS)

@@ -6,6 +6,11 @@ Names:
 - the embedded zoo (`shapes_vit_p16`, ...), discovered from the cards in `vitlens/models/zoo/`;
 - any timm model by its timm name, optionally prefixed `timm:` (hub weights); whether the
   lens analyses it is its family adapter's call (`vitlens.lens.families`), not the registry's;
+- `open_clip:ARCH[/PRETRAINED]` (open_clip's own image tower, METHOD §1c; without a pretrained
+  tag the weights come from a local checkpoint file) and `hf:ORG/NAME` or `hf:/path/to/folder`
+  (a Hugging Face transformers classifier, CLIP or SigLIP; `vitlens/models/hf_models.py`): loaded
+  by the library's own code, wrapped once (`vitlens.lens.classifiers`); contrastive models get
+  their class space from text (a zero-shot head file, `vitlens/models/zeroshot.py`);
 - `NAME@random`: the random-initialised twin of NAME (`pretrained=False`, `torch.manual_seed(0)`
   before construction), the paper's baseline.
 
@@ -32,16 +37,23 @@ from vitlens.errors import UserError
 from vitlens.lens.families import adapter_for
 from vitlens.models import zoo
 from vitlens.models.class_names import class_names_for
+from vitlens.models.library import LibraryModel
 from vitlens.models.weights import (
     attach_head,
     create_hub_model,
     create_random_model,
     load_checkpoint_file,
 )
+from vitlens.models.zeroshot import head_file_classes
 
 WeightsSource = Literal["hub", "checkpoint", "zoo", "random"]
+Library = Literal["timm", "zoo", "open_clip", "transformers"]
 RANDOM_SUFFIX = "@random"
 TIMM_PREFIX = "timm:"
+#: name prefix -> the library that loads the variant
+LIBRARY_PREFIXES: dict[str, Library] = {"open_clip:": "open_clip", "hf:": "transformers"}
+#: open_clip's own model-name schemas: a hub repo or a local folder in that layout (config + weights)
+OPEN_CLIP_SCHEMAS: tuple[str, ...] = ("hf-hub:", "local-dir:")
 RANDOM_SEED = 0
 
 
@@ -65,6 +77,10 @@ class VariantSpec:
     #: key prefixes of `checkpoint_path` that are dropped before the otherwise strict load
     #: (the Refinement checkpoint's `transformerheads.`, METHOD §8); nothing else is ever dropped
     ignored_checkpoint_keys: tuple[str, ...] = ()
+    #: who builds the model: timm (`timm_name`), the zoo (a card), open_clip or transformers (`source`)
+    library: Library = "timm"
+    #: open_clip: "ARCH" or "ARCH/PRETRAINED"; transformers: a hub id or a local folder
+    source: str | None = None
 
 
 @dataclass
@@ -72,7 +88,7 @@ class LoadedVariant:
     """A built model (eval mode, on its device) with the preprocessing and labels that go with it."""
 
     spec: VariantSpec
-    model: torch.nn.Module  # a timm model (the lens's adapters decide whether they analyse it)
+    model: torch.nn.Module  # a timm model or a wrapped library model (`vitlens.lens.classifiers`)
     data_config: dict[str, Any]  # timm `resolve_data_config` dict merged with the spec's overrides
     class_names: list[str]
     ignored_keys: tuple[str, ...] = ()  # checkpoint keys dropped under `spec.ignored_checkpoint_keys`
@@ -104,7 +120,7 @@ def _zoo_variants() -> list[VariantSpec]:
     """One spec per committed zoo card (sorted by name)."""
     return [
         VariantSpec(card["name"], None, card["role"], "zoo",
-                    num_classes=len(card["class_names"]),
+                    num_classes=len(card["class_names"]), library="zoo",
                     description=f"embedded zoo model ({card['role']} role), trained on the shapes set")
         for card in zoo.list_zoo_cards()
     ]
@@ -124,9 +140,13 @@ def _random_twin(spec: VariantSpec) -> VariantSpec:
 
 
 def get_variant(name: str) -> VariantSpec:
-    """The spec of `name` (registry name, timm name, `timm:<name>`, each optionally `@random`)."""
+    """The spec of `name` (registry name, timm name, `timm:<name>`, `open_clip:ARCH[/TAG]`,
+    `hf:ORG/NAME` or `hf:FOLDER`, each optionally `@random`)."""
     if name.endswith(RANDOM_SUFFIX):
         return _random_twin(get_variant(name[: -len(RANDOM_SUFFIX)]))
+    library_spec = _library_variant(name)
+    if library_spec is not None:
+        return library_spec
     for spec in list_variants():
         if spec.name == name:
             return spec
@@ -136,8 +156,32 @@ def get_variant(name: str) -> VariantSpec:
     known = ", ".join(spec.name for spec in list_variants())
     raise UserError(
         f"unknown model variant {name!r}: use one of {known}, a timm ViT name "
-        f"(e.g. timm:vit_small_patch16_224), or append {RANDOM_SUFFIX} for the random twin"
+        f"(e.g. timm:vit_small_patch16_224), open_clip:ARCH[/PRETRAINED], hf:ORG/NAME, "
+        f"or append {RANDOM_SUFFIX} for the random twin"
     )
+
+
+def _library_variant(name: str) -> VariantSpec | None:
+    """The spec of an `open_clip:` / `hf:` name (None for other names)."""
+    for prefix, library in LIBRARY_PREFIXES.items():
+        if not name.startswith(prefix):
+            continue
+        source = name[len(prefix):]
+        if not source.strip("/"):
+            raise UserError(f"variant {name!r} names no model after {prefix!r}")
+        if library == "open_clip":
+            if source.startswith(OPEN_CLIP_SCHEMAS):  # open_clip's own hub / local folder layout
+                return VariantSpec(name, None, "open_clip", "hub", library=library, source=source,
+                                   description=f"open_clip model {source} (config and weights from that place)")
+            arch, _, tag = source.partition("/")
+            if tag:
+                return VariantSpec(name, None, "open_clip", "hub", library=library, source=source,
+                                   description=f"open_clip {arch}, pretrained {tag!r} (open_clip's own download)")
+            return VariantSpec(name, None, "open_clip", "checkpoint", library=library, source=source,
+                               description=f"open_clip {arch} with weights from a local open_clip checkpoint file")
+        return VariantSpec(name, None, "hf", "hub", library=library, source=source,
+                           description=f"transformers model {source} (hub id or local save_pretrained folder)")
+    return None
 
 
 def with_options(
@@ -149,10 +193,20 @@ def with_options(
     """`spec` with a checkpoint file (it becomes `weights="checkpoint"`), a head file, and
     timm kwargs (`num_classes` sets `spec.num_classes`, the rest override `spec.model_kwargs`).
 
-    Zoo variants take none of them (they are built from their card); `pretrained` is the
-    weights source's to decide.
+    Zoo variants take none of them (they are built from their card); open_clip and transformers
+    variants take a checkpoint file (open_clip) or folder (transformers) and a head file, no
+    timm kwargs; `pretrained` is the weights source's to decide.
     """
-    if spec.timm_name is None:
+    if spec.library in ("open_clip", "transformers"):
+        if model_kwargs:
+            raise UserError(f"variant {spec.name!r} is built by {spec.library}; it takes no timm kwargs "
+                            f"([models.{spec.name}] is for timm models)")
+        if checkpoint_path is not None:
+            spec = dataclasses.replace(spec, weights="checkpoint", checkpoint_path=str(checkpoint_path))
+        if head_path is not None:
+            spec = dataclasses.replace(spec, head_path=str(head_path))
+        return spec
+    if spec.library == "zoo":
         for what, value in (("checkpoint file", checkpoint_path), ("head file", head_path),
                             ("timm kwargs", model_kwargs)):
             if value:
@@ -184,7 +238,7 @@ def _pretrained_classes(timm_name: str) -> int | None:
 
 def _check_spec(spec: VariantSpec) -> None:
     """Refuse a spec that would silently give a trained model a random classifier."""
-    if spec.weights != "hub" or spec.num_classes is None or spec.timm_name is None:
+    if spec.weights != "hub" or spec.num_classes is None or spec.library != "timm":
         return
     hub_classes = _pretrained_classes(spec.timm_name)
     if hub_classes is not None and spec.num_classes != hub_classes:
@@ -199,7 +253,7 @@ def _build_model(spec: VariantSpec) -> tuple[torch.nn.Module, tuple[str, ...]]:
     """The model of `spec` with its weights (see `weights.py` for each source), its head file
     attached last; and the checkpoint keys dropped under `spec.ignored_checkpoint_keys`."""
     _check_spec(spec)
-    if spec.timm_name is None:  # a zoo model or its random twin
+    if spec.library == "zoo":  # a zoo model or its random twin
         card = zoo_card(spec.name.removesuffix(RANDOM_SUFFIX))
         if spec.weights == "random":
             torch.manual_seed(spec.random_seed)
@@ -241,8 +295,13 @@ def build_architecture(name_or_spec: str | VariantSpec) -> torch.nn.Module:
     """
     spec = get_variant(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     _check_spec(spec)
+    if spec.library in ("open_clip", "transformers"):
+        model = load_library_model(spec, meta=True).model
+        if spec.head_path is not None:
+            attach_head(model, spec.head_path, shapes_only=True)
+        return model
     with torch.device("meta"):
-        if spec.timm_name is None:
+        if spec.library == "zoo":
             model = zoo.build_zoo_model(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX)), load_weights=False)
         else:
             model = create_random_model(spec.timm_name, spec.random_seed, spec.num_classes, spec.model_kwargs)
@@ -272,7 +331,7 @@ def _data_config(spec: VariantSpec, model: torch.nn.Module) -> dict[str, Any]:
         pass  # an unsupported model: the lens refuses it with its reason later
     if img_size is not None:
         config["input_size"] = (int(config["input_size"][0]), *(int(i) for i in img_size))
-    if spec.timm_name is None:
+    if spec.library == "zoo":
         config.update(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX))["data_config"])
     config.update(spec.data_config_overrides)
     config["input_size"] = tuple(config["input_size"])
@@ -297,10 +356,64 @@ def load_variant(
     """
     spec = get_variant(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     spec = with_options(spec, checkpoint_path, head_path, model_kwargs)
+    if spec.library in ("open_clip", "transformers"):
+        return _load_library_variant(spec, device)
     model, dropped = _build_model(spec)
     model = model.eval().to(device)
-    if spec.timm_name is None:
+    if spec.library == "zoo":
         class_names = list(zoo_card(spec.name.removesuffix(RANDOM_SUFFIX))["class_names"])
     else:
-        class_names = class_names_for(int(model.num_classes))
+        class_names = _head_class_names(spec, int(model.num_classes)) or class_names_for(int(model.num_classes))
     return LoadedVariant(spec, model, _data_config(spec, model), class_names, dropped)
+
+
+def _head_class_names(spec: VariantSpec, num_classes: int) -> list[str] | None:
+    """The class names the spec's head file records (zero-shot heads do), checked against C."""
+    if spec.head_path is None:
+        return None
+    classes = head_file_classes(spec.head_path)
+    if classes is None:
+        return None
+    if len(classes.names) != num_classes:
+        raise UserError(f"head file {spec.head_path} names {len(classes.names)} classes but holds {num_classes} rows")
+    return list(classes.names)
+
+
+def load_library_model(spec: VariantSpec, device: str | torch.device = "cpu", meta: bool = False) -> LibraryModel:
+    """The open_clip / transformers model of `spec` through its library's loader (no head file
+    attached yet); `meta` builds the architecture only, on the meta device."""
+    seed = spec.random_seed if spec.weights == "random" else None
+    if spec.weights == "checkpoint" and spec.checkpoint_path is None:
+        what = "open_clip checkpoint file" if spec.library == "open_clip" else "save_pretrained folder"
+        raise UserError(f"variant {spec.name!r} needs a local {what}: give it under [checkpoints] in the job "
+                        f"(CLI: --checkpoint PATH), name pretrained weights, or use {spec.name}{RANDOM_SUFFIX}")
+    if spec.library == "open_clip":
+        from vitlens.models.open_clip_models import load_open_clip
+
+        source = spec.source or ""
+        arch, _, tag = (source, "", "") if source.startswith(OPEN_CLIP_SCHEMAS) else source.partition("/")
+        return load_open_clip(arch, tag or None if spec.weights == "hub" else None,
+                              checkpoint=spec.checkpoint_path if spec.weights == "checkpoint" else None,
+                              random_seed=seed, device=str(device), meta=meta)
+    from vitlens.models.hf_models import load_hf_model
+
+    source = spec.checkpoint_path if spec.weights == "checkpoint" else spec.source
+    return load_hf_model(str(source), random_seed=seed, device=str(device), meta=meta)
+
+
+def _load_library_variant(spec: VariantSpec, device: str | torch.device) -> LoadedVariant:
+    """An open_clip / transformers variant: the library's model, its head file, its names."""
+    loaded = load_library_model(spec, device)
+    model = loaded.model
+    if spec.head_path is not None:
+        attach_head(model, spec.head_path)
+    model = model.eval().to(device)
+    num_classes = int(model.num_classes)
+    class_names = _head_class_names(spec, num_classes)
+    if class_names is None:
+        own = loaded.class_names if spec.head_path is None else None
+        class_names = list(own) if own is not None and len(own) == num_classes else class_names_for(num_classes)
+    config = {**loaded.data_config, **spec.data_config_overrides}
+    for key in ("input_size", "mean", "std"):
+        config[key] = tuple(config[key])
+    return LoadedVariant(spec, model, config, class_names)

@@ -14,12 +14,16 @@ from functools import lru_cache
 import torch
 
 from vitlens.errors import UserError
+from vitlens.lens.classifiers import adapter_key
 from vitlens.lens.families.base import SUBLAYERS, ModelAdapter
 
 
 @lru_cache(maxsize=1)
 def adapter_classes() -> dict[type, type[ModelAdapter]]:
-    """timm model class -> its adapter, over every module of this package."""
+    """Model (or wrapped tower) class -> its adapter, over every module of this package.
+
+    A module whose library is not installed (open_clip, transformers: optional extras)
+    registers nothing; its models are refused when loaded, naming the extra."""
     found: dict[type, type[ModelAdapter]] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name == "base":
@@ -43,10 +47,11 @@ def family_names() -> list[str]:
 
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:
     """The checked adapter of `model` (raises `UserError` with a one-line reason if unsupported)."""
-    adapter = adapter_classes().get(type(model))
+    key = adapter_key(model)  # the model's class; a wrapped library model's tower class
+    adapter = adapter_classes().get(key)
     if adapter is None:
         known = ", ".join(sorted(cls.__name__ for cls in adapter_classes()))
-        raise UserError(f"the lens has no adapter for {type(model).__name__} (supported timm classes: {known})")
+        raise UserError(f"the lens has no adapter for {key.__name__} (supported classes: {known})")
     return adapter(model)
 
 

@@ -1,11 +1,13 @@
-"""`ModelAdapter`: one timm model family's anatomy behind the one interface the lens uses.
+"""`ModelAdapter`: one timm model family's anatomy behind the one interface the lens uses,
+the `ViTAnatomy` it describes, and the `AttentionArgs` its blocks receive.
 
 The lens (`Lens`), the perturbations, explainability (`vitlens.explain`) and the shard job
 see a model only through its adapter: the embedded sequence, one `BlockTrace` per block,
 the pooling-aware projection onto class space (METHOD §1b), the model's own output, the
 value vectors of each sub-layer, and which experiments apply. Adding a family is one module
 in this package (a subclass registered in `vitlens/lens/families/__init__.py`) plus its
-tests; `docs/families.md` says what each family does.
+tests, built from the helpers in `families/common.py`; `docs/families.md` says what each
+family does.
 
 Conventions every adapter keeps (METHOD §1b):
 - `embed(images)` is the residual stream entering block 1 (the lens's block 0), laid out as
@@ -13,8 +15,8 @@ Conventions every adapter keeps (METHOD §1b):
   then `N` image tokens, row-major over `anatomy.grid_size`. Families that insert the CLS
   token late (CaiT, XCiT) return only the image tokens and say so with `first_token = 1`
   in their traces until the class-attention blocks.
-- `block_forward` calls the model's own submodules in timm's order, so the last trace's
-  `resid_post` gives `model_logits(...) == model(x)`.
+- `block_forward` (or `trace_block`, its one-argument form) calls the model's own submodules
+  in timm's order, so the last trace's `resid_post` gives `model_logits(...) == model(x)`.
 - `project(h)` projects any token as if it were the whole sequence the head reads: the
   model's own pooling on that token alone, then its norms and head, bias included.
 - `parity_logits(resid_final)` projects what the head really reads (CLS token, the mean of
@@ -24,18 +26,105 @@ Conventions every adapter keeps (METHOD §1b):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import ProbsEdit
+from vitlens.lens.attention import ProbsEdit, attend
+from vitlens.lens.classifiers import ZeroShotClassifier
 from vitlens.lens.mlp import mlp_values
 from vitlens.lens.trace import BlockTrace
 
 SUBLAYERS: tuple[str, ...] = ("attn", "mlp")
+
+#: Experiments a family may skip, with the reason recorded in `ViTAnatomy.skipped`.
+PERTURBATION_EXPERIMENTS: tuple[str, ...] = (
+    "attn_self_only", "attn_no_cls", "remove_class_tokens", "remove_context_tokens",
+)
+EXPLAIN_EXPERIMENT = "explain"
+
+
+@dataclass(frozen=True)
+class ViTAnatomy:
+    """Static facts about one supported model, checked once by its family adapter."""
+
+    family: str  # the adapter's family, e.g. "vit", "eva", "cait"
+    num_blocks: int
+    num_prefix_tokens: int  # CLS + distillation + register tokens, at the start of the sequence
+    has_class_token: bool
+    global_pool: str  # "token" (CLS), "avg" (GAP), "map" (attention pooling), ...
+    embed_dim: int
+    num_classes: int
+    mlp_width: int
+    grid_size: tuple[int, int] = (0, 0)  # image tokens per column and row (patch_embed.grid_size)
+    token_cell: tuple[int, int] = (0, 0)  # input pixels (h, w) one image token covers: img_size / grid_size
+    post_norm: bool = False  # ViT ResPostBlock models: sub-layer streams after the block's own norms
+    cls_from_block: int = 0  # first block slot whose residual stream holds the CLS token (CaiT, XCiT: > 0)
+    skipped: tuple[tuple[str, str], ...] = ()  # (experiment, one-line reason) that do not apply
+
+    @property
+    def is_gap(self) -> bool:
+        """True for average-pooling models (every token is an image token when no prefix)."""
+        return self.global_pool == "avg"
+
+    @property
+    def num_image_tokens(self) -> int:
+        """N, the image tokens of the token grid."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """T = P + N, the full sequence the head reads."""
+        return self.num_prefix_tokens + self.num_image_tokens
+
+    @property
+    def pools_class_token(self) -> bool:
+        """True when the head reads the CLS token (explainability differentiates it)."""
+        return self.has_class_token and self.global_pool == "token"
+
+    def skip_reason(self, experiment: str) -> str | None:
+        """Why `experiment` does not apply to this model, or None when it does."""
+        return dict(self.skipped).get(experiment)
+
+
+class AttentionArgs(NamedTuple):
+    """What the lens asks of every attention sub-layer of one block (see
+    `ModelAdapter.block_forward`), in the order `attention_sublayer(attn, x, *args)` takes them.
+
+    # keep_mask: [T, T], key_keep: [B, T] bool (both over the full sequence)
+    """
+
+    keep_mask: torch.Tensor | None = None
+    need_probs: bool = False
+    key_keep: torch.Tensor | None = None
+    probs_edit: ProbsEdit | None = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`vitlens.lens.attention.attend` with these arguments (and an additive `bias`).
+
+        # q: [B, H, Tq, hd], k, v: [B, H, Tk, hd], bias: [B or 1, H or 1, Tq, Tk]
+        #   -> (heads_out [B, H, Tq, hd], probs [B, H, Tq, Tk] | None)
+        """
+        return attend(q, k, v, scale, self.keep_mask, self.need_probs, self.key_keep, bias=bias,
+                      probs_edit=self.probs_edit)
+
+    def covering(self, start: int, queries: int | None = None) -> AttentionArgs:
+        """The masks sliced to a block that covers fewer positions: keys from `start`, queries
+        `start .. start + queries` (None: all from `start`).
+
+        # keep_mask: [T, T], key_keep: [B, T] -> [Tq, T - start], [B, T - start]
+        """
+        keep_mask, key_keep = self.keep_mask, self.key_keep
+        if keep_mask is not None:
+            keep_mask = keep_mask[start:None if queries is None else start + queries, start:]
+        if key_keep is not None:
+            key_keep = key_keep[:, start:]
+        return self._replace(keep_mask=keep_mask, key_keep=key_keep)
 
 
 class ModelAdapter(ABC):
@@ -46,12 +135,25 @@ class ModelAdapter(ABC):
     #: the timm model classes this adapter handles (exact classes or base classes)
     model_classes: ClassVar[tuple[type, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A registered adapter implements `block_forward` or its one-argument form `trace_block`."""
+        super().__init_subclass__(**kwargs)
+        if cls.model_classes and ModelAdapter.block_forward is cls.block_forward \
+                and ModelAdapter.trace_block is cls.trace_block:
+            raise TypeError(f"{cls.__name__} implements neither block_forward nor trace_block")
+
     def __init__(self, model: torch.nn.Module) -> None:
         """Check `model` (raises `UserError` with a one-line reason if the family's rule
         cannot hold for it) and describe it."""
         self.model = model
         head = getattr(model, "head", None)
         if not isinstance(head, torch.nn.Linear):
+            if isinstance(model, ZeroShotClassifier):
+                raise UserError(
+                    f"{type(model.tower).__name__} ({model.library}) has no class space: build one from "
+                    "class names with 'vitlens heads zeroshot' and give it as a head file ([heads] in the "
+                    "job, --head FILE), or name classes in the variant ([models.NAME] classes = ...)"
+                )
             raise UserError(
                 f"{type(model).__name__} has no linear classifier head (num_classes=0: a headless "
                 "model): give it a head checkpoint ([heads] in the job, --head FILE) or num_classes "
@@ -77,7 +179,6 @@ class ModelAdapter(ABC):
         # images: [B, 3, H, W] -> hidden: [B, T0, d]
         """
 
-    @abstractmethod
     def block_forward(
         self,
         index: int,
@@ -92,10 +193,20 @@ class ModelAdapter(ABC):
         `keep_mask` multiplies the post-softmax attention (METHOD §4), `key_keep` removes
         tokens as keys, `probs_edit` rewrites the (post-mask) probabilities before they
         weight the values (the explainability branch). Both masks are given over the full
-        sequence; a block that covers fewer positions slices them itself.
+        sequence; a block that covers fewer positions slices them itself
+        (`AttentionArgs.covering`). A family implements this, or `trace_block`.
 
         # resid_pre: [B, T', d], keep_mask: [T, T], key_keep: [B, T] bool -> BlockTrace
         """
+        return self.trace_block(index, resid_pre, AttentionArgs(keep_mask, need_probs, key_keep, probs_edit))
+
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
+        """`block_forward` with its attention arguments in one `AttentionArgs`: what a family
+        implements when it does not override `block_forward` itself.
+
+        # resid_pre: [B, T', d] -> BlockTrace
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither block_forward nor trace_block")
 
     def iter_block_traces(
         self,
@@ -158,6 +269,17 @@ class ModelAdapter(ABC):
             normed = model.attn_pool(normed.reshape(-1, 1, shape[-1])).reshape(shape)  # [n, 1, d] -> [n, d]
         fc_norm = getattr(model, "fc_norm", None)
         return fc_norm(normed) if fc_norm is not None else normed
+
+    def final_norms(self) -> list[tuple[str, torch.nn.Module]]:
+        """The norms of the head path that normalise a token (METHOD §6's `ln="frozen"` detaches
+        their per-token scale), named for messages: timm's `norm` and `fc_norm` (Identity left
+        out). Families whose head path has other norms override it."""
+        found = []
+        for name in ("norm", "fc_norm"):
+            module = getattr(self.model, name, None)
+            if module is not None and not isinstance(module, torch.nn.Identity):
+                found.append((name, module))
+        return found
 
     def class_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The class embedding `E` and bias `e` the projection applies (METHOD §1).

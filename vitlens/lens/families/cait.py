@@ -43,19 +43,18 @@ class-attention blocks (a pruned model), other block / attention / MLP types.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from timm.layers import PatchEmbed
 from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import AttentionResult, ProbsEdit, attend, merge_heads
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
-from vitlens.lens.families.vit import token_grid
+from vitlens.lens.attention import AttentionResult, merge_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
+from vitlens.lens.families.common import TOKEN_OR_AVG, check_pool, pool_tokens, timm_anatomy
 from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
 from vitlens.lens.trace import BlockTrace
-
-POOLS = ("token", "avg")
 
 NO_CLS_REASON = ("no image-token query attends to the CLS token in CaiT (self-attention blocks have no CLS, "
                  "class-attention blocks only the CLS query): 'no_cls' would equal the unperturbed run")
@@ -64,19 +63,14 @@ EXPLAIN_REASON = ("METHOD §6 differentiates the CLS query's attention in every 
 
 
 def talking_heads_attention(
-    attn: TalkingHeadAttn,
-    x: torch.Tensor,
-    keep_mask: torch.Tensor | None = None,
-    need_probs: bool = False,
-    key_keep: torch.Tensor | None = None,
-    probs_edit: ProbsEdit | None = None,
+    attn: TalkingHeadAttn, x: torch.Tensor, args: AttentionArgs = AttentionArgs(),
 ) -> AttentionResult:
     """timm's `TalkingHeadAttn` from its own weights: `qkv` → scores → `proj_l` (heads mixed
     before the softmax) → softmax → `proj_w` (heads mixed after it) → keep mask / edit →
     `attn_drop` → values → `proj` → `proj_drop`. The probabilities are always materialised
     (timm has no fused path for talking heads); they are returned when asked for.
 
-    # x: [B, N, d], keep_mask: [N, N], key_keep: [B, N] bool
+    # x: [B, N, d], args over the N image tokens (keep_mask: [N, N], key_keep: [B, N] bool)
     #   -> output/coefficients: [B, N, d], probs: [B, H, N, N] (after proj_w and the masks)
     """
     batch, tokens, width = x.shape
@@ -85,35 +79,28 @@ def talking_heads_attention(
     q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]  # [B, H, N, hd]
     scores = q @ k.transpose(-2, -1)  # [B, H, N, N]
     scores = attn.proj_l(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    key_mask = None if key_keep is None else key_keep[:, None, None, :]  # [B, 1, 1, N]
+    key_mask = None if args.key_keep is None else args.key_keep[:, None, None, :]  # [B, 1, 1, N]
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     probs = attn.proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B, H, N, N]
     if key_mask is not None:  # removed keys do not exist: no proj_w bias for them (also clears all-masked NaN rows)
         probs = probs.masked_fill(~key_mask, 0.0)
-    if keep_mask is not None:
-        probs = probs * keep_mask
-    if probs_edit is not None:
-        probs = probs_edit(probs)
+    if args.keep_mask is not None:
+        probs = probs * args.keep_mask
+    if args.probs_edit is not None:
+        probs = args.probs_edit(probs)
     coefficients = merge_heads(attn.attn_drop(probs) @ v)  # [B, N, d]
     output = attn.proj_drop(attn.proj(coefficients))
-    wanted = need_probs or keep_mask is not None or probs_edit is not None
+    wanted = args.need_probs or args.keep_mask is not None or args.probs_edit is not None
     return AttentionResult(output=output, coefficients=coefficients, probs=probs if wanted else None)
 
 
-def class_attention(
-    attn: ClassAttn,
-    x: torch.Tensor,
-    keep_mask: torch.Tensor | None = None,
-    need_probs: bool = False,
-    key_keep: torch.Tensor | None = None,
-    probs_edit: ProbsEdit | None = None,
-) -> AttentionResult:
+def class_attention(attn: ClassAttn, x: torch.Tensor, args: AttentionArgs = AttentionArgs()) -> AttentionResult:
     """timm's `ClassAttn` (CaiT and XCiT) from its own weights: the CLS query (`q` of token 0)
     attends to every token (`k`, `v` of all), through `attend`; then `proj`, `proj_drop`.
 
-    # x: [B, T, d] (normed, CLS first), keep_mask: [1, T] (the CLS query's row), key_keep: [B, T] bool
+    # x: [B, T, d] (normed, CLS first), args: keep_mask [1, T] (the CLS query's row), key_keep [B, T] bool
     #   -> output/coefficients: [B, 1, d], probs: [B, H, 1, T]
     """
     batch, tokens, width = x.shape
@@ -121,107 +108,103 @@ def class_attention(
     q = attn.q(x[:, 0]).reshape(batch, 1, heads, width // heads).permute(0, 2, 1, 3)  # [B, H, 1, hd]
     k = attn.k(x).reshape(batch, tokens, heads, width // heads).permute(0, 2, 1, 3)  # [B, H, T, hd]
     v = attn.v(x).reshape(batch, tokens, heads, width // heads).permute(0, 2, 1, 3)
-    heads_out, probs = attend(q, k, v, attn.scale, keep_mask, need_probs, key_keep, probs_edit=probs_edit)
+    heads_out, probs = args.attend(q, k, v, attn.scale)
     coefficients = merge_heads(heads_out)  # [B, 1, d]
     return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=probs)
 
 
-def insert_cls(cls_token: torch.Tensor, resid_pre: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
-    """The sequence a class-attention block reads: the first one gets the image tokens and
-    prepends the CLS (timm's `forward_cls`), later ones already hold it.
+class ClassAttentionAdapter(ModelAdapter):
+    """What CaiT and XCiT share: `model.blocks` over the image tokens, then the class-attention
+    blocks (the model attribute `class_blocks`) that insert the CLS token and update only it;
+    CLS or average pooling after the final `norm`, then `head` (module notes)."""
 
-    # cls_token: [1, 1, d], resid_pre: [B, N, d] or [B, 1+N, d] -> [B, 1+N, d]
-    """
-    if resid_pre.shape[1] == num_image_tokens:
-        return torch.cat([cls_token.expand(resid_pre.shape[0], -1, -1), resid_pre], dim=1)
-    if resid_pre.shape[1] != num_image_tokens + 1:
-        raise ValueError(f"a class-attention block reads {num_image_tokens} or {num_image_tokens + 1} tokens, "
-                         f"got {resid_pre.shape[1]}")
-    return resid_pre
+    #: the model attribute holding the class-attention blocks
+    class_blocks: ClassVar[str] = ""
+
+    def _check_class_attention(self) -> None:
+        """Refuse a pooling other than CLS / average and a model without class-attention blocks."""
+        model = self.model
+        check_pool(model, TOKEN_OR_AVG)
+        if not getattr(model, self.class_blocks, None) or getattr(model, "cls_token", None) is None:
+            raise UserError(f"{type(model).__name__} without class-attention blocks or CLS token (a pruned model): "
+                            "the CLS token is never computed")
+
+    def _anatomy(self, **facts: object) -> ViTAnatomy:
+        """`timm_anatomy` with the class-attention blocks counted and the CLS from the first of them."""
+        depth = len(self.model.blocks)
+        return timm_anatomy(self, num_blocks=depth + len(getattr(self.model, self.class_blocks)),
+                            cls_from_block=depth + 1, **facts)
+
+    def _block(self, index: int) -> torch.nn.Module:
+        """Block `index` (1-based) over `model.blocks`, then the class-attention blocks."""
+        depth = len(self.model.blocks)
+        if index <= depth:
+            return self.model.blocks[index - 1]
+        return getattr(self.model, self.class_blocks)[index - 1 - depth]
+
+    def _with_cls(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        """The sequence a class-attention block reads: the first one gets the image tokens and
+        prepends the CLS (timm's `forward_cls`), later ones already hold it.
+
+        # resid_pre: [B, N, d] or [B, 1+N, d] -> [B, 1+N, d]
+        """
+        num_image_tokens = self.anatomy.num_image_tokens
+        if resid_pre.shape[1] == num_image_tokens:
+            return torch.cat([self.model.cls_token.expand(resid_pre.shape[0], -1, -1), resid_pre], dim=1)
+        if resid_pre.shape[1] != num_image_tokens + 1:
+            raise ValueError(f"a class-attention block reads {num_image_tokens} or {num_image_tokens + 1} tokens, "
+                             f"got {resid_pre.shape[1]}")
+        return resid_pre
+
+    # ---- projection ----------------------------------------------------------------------
+    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
+        """CLS pooling: the CLS token's projection; average pooling (after the norm): the mean
+        of the image tokens' projections (the head is linear).
+
+        # resid_final: [B, 1+N, d] -> logits: [B, C]
+        """
+        if self.model.global_pool == "token":
+            return self.project(resid_final[:, 0])
+        return self.project(resid_final[:, 1:]).mean(dim=1)
+
+    # ---- memories ------------------------------------------------------------------------
+    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
+        """attn: the columns of `attn.proj`; mlp: the columns of `mlp.fc2`. # -> values: [d, M]"""
+        check_sublayer(sublayer)
+        block = self._block(index)
+        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
 
 
-def sequence_masks(
-    keep_mask: torch.Tensor | None, key_keep: torch.Tensor | None, start: int, queries: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Slice full-sequence masks (METHOD §4, given over T = 1 + N) to the positions a block
-    covers: keys from `start`, queries `start .. start + queries` (None: all from `start`).
-
-    # keep_mask: [T, T], key_keep: [B, T] -> ([Tq, T - start], [B, T - start])
-    """
-    if keep_mask is not None:
-        stop = None if queries is None else start + queries
-        keep_mask = keep_mask[start:stop, start:]
-    if key_keep is not None:
-        key_keep = key_keep[:, start:]
-    return keep_mask, key_keep
-
-
-def mean_head_logits(adapter: ModelAdapter, tokens: torch.Tensor) -> torch.Tensor:
-    """Average pooling after the final norm (CaiT / XCiT `global_pool='avg'`): the mean of the
-    image tokens' projections (the head is linear).
-
-    # tokens: [B, N, d] -> logits: [B, C]
-    """
-    return adapter.project(tokens).mean(dim=1)
-
-
-class CaitAdapter(ModelAdapter):
+class CaitAdapter(ClassAttentionAdapter):
     """timm `Cait`: talking-heads self-attention blocks, then class-attention blocks."""
 
     family = "cait"
     model_classes = (Cait,)
+    class_blocks = "blocks_token_only"
 
     model: Cait
 
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        if model.global_pool not in POOLS:
-            raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {POOLS}): "
-                            "the head on every token gives no pooled output")
-        if model.blocks_token_only is None or len(model.blocks_token_only) == 0 or model.cls_token is None:
-            raise UserError("CaiT without class-attention blocks or CLS token (a pruned model): nothing to project")
+        self._check_class_attention()
         if type(model.patch_embed) is not PatchEmbed or getattr(model.patch_embed, "dynamic_img_size", False):
             raise UserError(f"unsupported patch embedding {type(model.patch_embed).__name__} "
                             "(supported: timm PatchEmbed at a fixed input size)")
-        for index, block in enumerate(model.blocks, start=1):
-            where = f"block {index}"
-            if type(block) is not LayerScaleBlock or type(block.attn) is not TalkingHeadAttn:
-                raise UserError(f"{where}: unsupported self-attention block {type(block).__name__} with "
-                                f"{type(getattr(block, 'attn', None)).__name__} (supported: LayerScaleBlock "
-                                "with TalkingHeadAttn)")
-            check_mlp(block.mlp, where)
-        for offset, block in enumerate(model.blocks_token_only, start=1):
-            where = f"block {len(model.blocks) + offset} (class attention)"
-            if type(block) is not LayerScaleBlockClassAttn or type(block.attn) is not ClassAttn:
-                raise UserError(f"{where}: unsupported class-attention block {type(block).__name__} with "
-                                f"{type(getattr(block, 'attn', None)).__name__} (supported: "
-                                "LayerScaleBlockClassAttn with ClassAttn)")
-            check_mlp(block.mlp, where)
+        stages = ((model.blocks, 1, "", "self-attention", LayerScaleBlock, TalkingHeadAttn),
+                  (model.blocks_token_only, len(model.blocks) + 1, " (class attention)", "class-attention",
+                   LayerScaleBlockClassAttn, ClassAttn))
+        for blocks, first, suffix, kind, block_type, attention_type in stages:
+            for index, block in enumerate(blocks, start=first):
+                where = f"block {index}{suffix}"
+                if type(block) is not block_type or type(block.attn) is not attention_type:
+                    raise UserError(f"{where}: unsupported {kind} block {type(block).__name__} with "
+                                    f"{type(getattr(block, 'attn', None)).__name__} (supported: "
+                                    f"{block_type.__name__} with {attention_type.__name__})")
+                check_mlp(block.mlp, where)
 
     def describe(self) -> ViTAnatomy:
-        model = self.model
-        grid_size, token_cell = token_grid(model.patch_embed)
-        depth = len(model.blocks)
-        return ViTAnatomy(
-            family=self.family,
-            num_blocks=depth + len(model.blocks_token_only),
-            num_prefix_tokens=1,
-            has_class_token=True,
-            global_pool=model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(mlp_values(self._block(1).mlp).shape[1]),
-            grid_size=grid_size,
-            token_cell=token_cell,
-            cls_from_block=depth + 1,
-            skipped=(("attn_no_cls", NO_CLS_REASON), ("explain", EXPLAIN_REASON)),
-        )
-
-    def _block(self, index: int) -> LayerScaleBlock | LayerScaleBlockClassAttn:
-        """Block `index` (1-based) over the self-attention then the class-attention blocks."""
-        depth = len(self.model.blocks)
-        return self.model.blocks[index - 1] if index <= depth else self.model.blocks_token_only[index - 1 - depth]
+        return self._anatomy(skipped=(("attn_no_cls", NO_CLS_REASON), ("explain", EXPLAIN_REASON)))
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -232,21 +215,12 @@ class CaitAdapter(ModelAdapter):
         model = self.model
         return model.pos_drop(model.patch_embed(images) + model.pos_embed)
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
         """# resid_pre: [B, N, d] (self-attention block; first class-attention block) or
         #   [B, 1+N, d] (later class-attention blocks), masks over T = 1+N -> BlockTrace"""
         block = self._block(index)
         if isinstance(block, LayerScaleBlock):
-            keep, keys = sequence_masks(keep_mask, key_keep, start=1)
-            attention = talking_heads_attention(block.attn, block.norm1(resid_pre), keep, need_probs, keys, probs_edit)
+            attention = talking_heads_attention(block.attn, block.norm1(resid_pre), args.covering(1))
             attn_out = block.gamma_1 * attention.output  # [B, N, d]
             resid_mid = resid_pre + block.drop_path(attn_out)
             mlp_raw, mlp_coefficients = mlp_forward(block.mlp, block.norm2(resid_mid))
@@ -256,9 +230,8 @@ class CaitAdapter(ModelAdapter):
                 resid_post=resid_mid + block.drop_path(mlp_out), attn_coefficients=attention.coefficients,
                 mlp_coefficients=mlp_coefficients, attn_probs=attention.probs, first_token=1,
             )
-        sequence = insert_cls(self.model.cls_token, resid_pre, self.anatomy.num_image_tokens)  # [B, T, d]
-        keep, keys = sequence_masks(keep_mask, key_keep, start=0, queries=1)
-        attention = class_attention(block.attn, block.norm1(sequence), keep, need_probs, keys, probs_edit)
+        sequence = self._with_cls(resid_pre)  # [B, T, d]
+        attention = class_attention(block.attn, block.norm1(sequence), args.covering(0, queries=1))
         attn_out = block.gamma_1 * attention.output  # [B, 1, d]
         cls_mid = sequence[:, :1] + block.drop_path(attn_out)
         mlp_raw, mlp_coefficients = mlp_forward(block.mlp, block.norm2(cls_mid))
@@ -292,24 +265,5 @@ class CaitAdapter(ModelAdapter):
         model = self.model
         if key_keep is None or model.global_pool == "token":
             return model.forward_head(model.norm(resid_final))
-        pooled = model.norm(resid_final[:, 1:])  # [B, N, d]
-        weights = key_keep[:, 1:, None].to(pooled.dtype)
-        return model.head(model.head_drop((pooled * weights).sum(dim=1) / weights.sum(dim=1)))
-
-    # ---- projection ----------------------------------------------------------------------
-    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS pooling: the CLS token's projection; average pooling (after the norm): the mean
-        of the image tokens' projections.
-
-        # resid_final: [B, 1+N, d] -> logits: [B, C]
-        """
-        if self.model.global_pool == "token":
-            return self.project(resid_final[:, 0])
-        return mean_head_logits(self, resid_final[:, 1:])
-
-    # ---- memories ------------------------------------------------------------------------
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """attn: the columns of `attn.proj`; mlp: the columns of `mlp.fc2`. # -> values: [d, M]"""
-        check_sublayer(sublayer)
-        block = self._block(index)
-        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
+        pooled = pool_tokens(model.norm(resid_final[:, 1:]), "avg", key_keep[:, 1:])  # [B, d]
+        return model.head(model.head_drop(pooled))

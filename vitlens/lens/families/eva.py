@@ -35,8 +35,7 @@ skipped unless the head reads the CLS token (`global_pool='token'`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from timm.layers import AttentionPoolLatent, AttentionRope, apply_rot_embed_cat
+from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.layers.pos_embed_sincos import (
     RotaryEmbeddingCat,
     RotaryEmbeddingDinoV3,
@@ -46,54 +45,46 @@ from timm.layers.pos_embed_sincos import (
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import AttentionResult, ProbsEdit, attend, merge_heads
-from vitlens.lens.families.base import ModelAdapter
-from vitlens.lens.families.vit import pool_tokens, token_grid
-from vitlens.lens.mlp import check_mlp, mlp_forward
+from vitlens.lens.attention import AttentionResult, merge_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy
+from vitlens.lens.families.common import (
+    bias_qkv,
+    check_attn_pool,
+    check_blocks,
+    check_pool,
+    kept_head_logits,
+    layer_scale,
+    pooled_parity_logits,
+    require_type,
+    residual_trace,
+    timm_anatomy,
+)
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (EvaBlock, EvaBlockPostNorm)
 ATTENTION_TYPES = (EvaAttention, AttentionRope)
 ROPE_TYPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed, RotaryEmbeddingMRope)
-POOLS = ("token", "avg", "max", "avgmax", "map")
-
-
-def _names(types: tuple[type, ...]) -> str:
-    """The class names of `types`, comma-separated (for refusal messages)."""
-    return ", ".join(t.__name__ for t in types)
 
 
 def eva_attention_sublayer(
     attn: EvaAttention | AttentionRope,
     x: torch.Tensor,
     rope: torch.Tensor | None,
-    keep_mask: torch.Tensor | None = None,
-    need_probs: bool = False,
-    key_keep: torch.Tensor | None = None,
-    probs_edit: ProbsEdit | None = None,
+    args: AttentionArgs = AttentionArgs(),
 ) -> AttentionResult:
     """timm's `EvaAttention.forward` / `AttentionRope.forward` from the module's own weights, in
     timm's order (gate, q/k/v projections and biases, `q_norm`/`k_norm`, rotation of the image
     tokens, key/value head repeat, attention, `norm`, gate, `proj`, `proj_drop`), exposing the
     coefficients and probabilities.
 
-    # x: [B, T, d], rope: [N, 2·hd] or [H, N, 2·hd] (one block's table) or None,
-    #   keep_mask: [T, T], key_keep: [B, T] bool -> output/coefficients: [B, T, d], probs: [B, H, T, T]
+    # x: [B, T, d], rope: [N, 2·hd] or [H, N, 2·hd] (one block's table) or None
+    #   -> output/coefficients: [B, T, d], probs: [B, H, T, T]
     """
     batch, tokens, _ = x.shape
     heads = attn.num_heads
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None  # [B, T, H·hd]
-    if attn.qkv is not None:
-        q_bias = getattr(attn, "q_bias", None)  # EvaAttention only; AttentionRope's bias is in qkv
-        if q_bias is None:
-            qkv = attn.qkv(x)  # [B, T, 3·H·hd]
-        else:
-            qkv_bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
-            if attn.qkv_bias_separate:
-                qkv = attn.qkv(x) + qkv_bias
-            else:
-                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+    if attn.qkv is not None:  # EvaAttention's q/v biases; AttentionRope's bias is in qkv
+        qkv = bias_qkv(attn, x)  # [B, T, 3·H·hd]
         q, k, v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
     else:
         kv_heads = getattr(attn, "num_kv_heads", heads)
@@ -109,7 +100,7 @@ def eva_attention_sublayer(
     if groups > 1:  # grouped-query attention: query head h reads key/value head h // groups
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    heads_out, probs = attend(q, k, v, attn.scale, keep_mask, need_probs, key_keep, probs_edit=probs_edit)
+    heads_out, probs = args.attend(q, k, v, attn.scale)
     coefficients = attn.norm(merge_heads(heads_out))  # [B, T, H·hd]
     if gate is not None:
         coefficients = coefficients * gate
@@ -132,57 +123,14 @@ class EvaAdapter(ModelAdapter):
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        if model.attn_pool is None and model.global_pool not in POOLS[:-1]:
-            raise UserError(f"global_pool={model.global_pool!r} without an attention pool is not supported "
-                            f"(use one of {POOLS}): the head would not read one pooled token")
-        if model.attn_pool is not None:
-            if type(model.attn_pool) is not AttentionPoolLatent:
-                raise UserError(f"attention pool {type(model.attn_pool).__name__} is not supported "
-                                "(supported: AttentionPoolLatent)")
-            if getattr(model.attn_pool, "pos_embed", None) is not None:
-                raise UserError("attention pooling with its own position embedding: "
-                                "a one-token projection is not defined")
-        if model.rope is not None and type(model.rope) not in ROPE_TYPES:
-            raise UserError(f"unsupported rotary embedding {type(model.rope).__name__} "
-                            f"(supported: {_names(ROPE_TYPES)})")
-        for index, block in enumerate(model.blocks, start=1):
-            where = f"block {index}"
-            if type(block) not in BLOCK_TYPES:
-                raise UserError(f"{where}: unsupported transformer block {type(block).__name__} "
-                                f"(supported: {_names(BLOCK_TYPES)})")
-            if type(block.attn) not in ATTENTION_TYPES:
-                raise UserError(f"{where}: unsupported attention {type(block.attn).__name__} "
-                                f"(supported: {_names(ATTENTION_TYPES)})")
-            check_mlp(block.mlp, where)
+        check_pool(model)
+        check_attn_pool(model)
+        if model.rope is not None:
+            require_type(model.rope, ROPE_TYPES, "rotary embedding")
+        check_blocks(model.blocks, BLOCK_TYPES, ATTENTION_TYPES)
 
     def describe(self) -> ViTAnatomy:
-        model = self.model
-        grid_size, token_cell = token_grid(model.patch_embed)
-        return ViTAnatomy(
-            family=self.family,
-            num_blocks=len(model.blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_class_token=model.cls_token is not None,
-            global_pool="map" if model.attn_pool is not None else model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(self.value_vectors(1, "mlp").shape[1]) if len(model.blocks) else 0,
-            grid_size=grid_size,
-            token_cell=token_cell,
-            post_norm=any(isinstance(block, EvaBlockPostNorm) for block in model.blocks),
-            skipped=self._skipped(),
-        )
-
-    def _skipped(self) -> tuple[tuple[str, str], ...]:
-        model, skipped = self.model, []
-        has_class_token = model.cls_token is not None
-        if not has_class_token:
-            skipped.append(("attn_no_cls", "the model has no CLS token"))
-        if not (has_class_token and model.global_pool == "token" and model.attn_pool is None):
-            pool = "map" if model.attn_pool is not None else model.global_pool
-            skipped.append(("explain", "explainability differentiates the CLS token the head reads; "
-                                       f"this model pools with global_pool={pool!r}"))
-        return tuple(skipped)
+        return timm_anatomy(self, post_norm=any(isinstance(block, EvaBlockPostNorm) for block in self.model.blocks))
 
     # ---- rotary tables -------------------------------------------------------------------
     def _rotary_tables(self) -> torch.Tensor | None:
@@ -231,15 +179,7 @@ class EvaAdapter(ModelAdapter):
         self._rope = rope
         return model.norm_pre(hidden)
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
         """`EvaBlock.forward` / `EvaBlockPostNorm.forward` with every stream exposed.
 
         # resid_pre: [B, T, d] -> BlockTrace
@@ -247,24 +187,9 @@ class EvaAdapter(ModelAdapter):
         block = self.model.blocks[index - 1]
         rope = self._block_rope(index, resid_pre.device)
         post_norm = isinstance(block, EvaBlockPostNorm)
-        attn_input = resid_pre if post_norm else block.norm1(resid_pre)
-        attention = eva_attention_sublayer(block.attn, attn_input, rope, keep_mask, need_probs, key_keep, probs_edit)
-        if post_norm:
-            attn_out = block.norm1(attention.output)
-        else:
-            attn_out = attention.output if block.gamma_1 is None else block.gamma_1 * attention.output
-        resid_mid = resid_pre + block.drop_path1(attn_out)
-        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        if post_norm:
-            mlp_out = block.norm2(mlp_raw)
-        else:
-            mlp_out = mlp_raw if block.gamma_2 is None else block.gamma_2 * mlp_raw
-        resid_post = resid_mid + block.drop_path2(mlp_out)
-        return BlockTrace(
-            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
-            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
-            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
-        )
+        scales = None if post_norm else (layer_scale(block.gamma_1), layer_scale(block.gamma_2))
+        return residual_trace(block, index, resid_pre, lambda x: eva_attention_sublayer(block.attn, x, rope, args),
+                              scales)
 
     def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """timm's own blocks with their rotary tables (no streams kept); token removal as
@@ -279,42 +204,17 @@ class EvaAdapter(ModelAdapter):
 
     def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_head(norm(x))` as timm does; with `key_keep`, pooling over the kept tokens
-        only (the attention pool masks the removed keys).
+        only (the attention pool, which reads every token, prefix included, masks the removed keys).
 
         # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
         """
-        model = self.model
-        hidden = model.norm(resid_final)
-        if key_keep is None or (model.global_pool == "token" and model.attn_pool is None):
-            return model.forward_head(hidden)
-        if model.attn_pool is not None:  # Eva's pool reads every token, prefix included
-            pooled = model.attn_pool(hidden, attn_mask=key_keep[:, None, None, :])
-        else:
-            prefix = model.num_prefix_tokens
-            pooled = pool_tokens(hidden[:, prefix:], model.global_pool, key_keep[:, prefix:])
-        return model.head(model.head_drop(model.fc_norm(pooled)))
+        return kept_head_logits(self, resid_final, key_keep, self._pool_start())
+
+    def _pool_start(self) -> int:
+        """The first sequence position the pooling reads: Eva's attention pool reads every token."""
+        return 0 if self.model.attn_pool is not None else self.model.num_prefix_tokens
 
     # ---- projection ----------------------------------------------------------------------
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS: the CLS token's projection; average pooling without a norm before pooling: the
-        projection of the mean of the image tokens; with the norm before pooling (and no
-        `fc_norm`): the mean of the tokens' projections (the head is linear); otherwise (max /
-        avgmax / attention pooling, or both norms): the pooled token through `fc_norm` and the head.
-
-        # resid_final: [B, T, d] -> logits: [B, C]
-        """
-        model = self.model
-        if model.attn_pool is not None:
-            return F.linear(model.fc_norm(model.attn_pool(model.norm(resid_final))), *self.class_embedding())
-        if model.global_pool == "token":
-            return self.project(resid_final[:, 0])
-        tokens = resid_final[:, model.num_prefix_tokens:]  # [B, N, d]
-        if model.global_pool == "avg":
-            if isinstance(model.norm, torch.nn.Identity):
-                return self.project(tokens.mean(dim=1))
-            if isinstance(model.fc_norm, torch.nn.Identity):
-                return self.project(tokens).mean(dim=1)
-        pooled = pool_tokens(model.norm(tokens), model.global_pool)
-        return F.linear(model.fc_norm(pooled), *self.class_embedding())
-
-    # ---- memories ------------------------------------------------------------------------
+        """# resid_final: [B, T, d] -> logits: [B, C] (see `common.pooled_parity_logits`)"""
+        return pooled_parity_logits(self, resid_final, self._pool_start())

@@ -30,22 +30,25 @@ a whole number of patches.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.layers import Attention
 from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import Block, ResPostBlock
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import ProbsEdit
-from vitlens.lens.families.base import ModelAdapter
-from vitlens.lens.families.vit import pool_tokens, timm_block_forward
-from vitlens.lens.mlp import check_mlp
+from vitlens.lens.families.base import AttentionArgs, ViTAnatomy
+from vitlens.lens.families.common import (
+    AbsolutePositionAdapter,
+    check_attn_pool,
+    check_blocks,
+    check_pool,
+    pooled_parity_logits,
+    timm_anatomy,
+)
+from vitlens.lens.families.vit import OTHER_ATTENTION, timm_block_forward
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (Block, ResPostBlock)
-POOLS = ("token", "avg", "max", "avgmax", "map")
 
 
 def native_input_size(model: NaFlexVit) -> tuple[int, int]:
@@ -59,7 +62,7 @@ def native_input_size(model: NaFlexVit) -> tuple[int, int]:
     return int(height), int(width)
 
 
-class NaFlexAdapter(ModelAdapter):
+class NaFlexAdapter(AbsolutePositionAdapter):
     """`NaFlexVit` with timm `Block` / `ResPostBlock` blocks, on `[B, 3, H, W]` images."""
 
     family = "naflex"
@@ -70,22 +73,11 @@ class NaFlexAdapter(ModelAdapter):
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        if model.global_pool not in POOLS:
-            raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {POOLS}): "
-                            "without pooling the head reads every token separately")
-        if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
-            raise UserError("attention pooling with its own position embedding: a one-token projection is not defined")
-        for index, block in enumerate(model.blocks, start=1):
-            where = f"block {index}"
-            if type(block) not in BLOCK_TYPES:
-                names = ", ".join(t.__name__ for t in BLOCK_TYPES)
-                raise UserError(f"{where}: unsupported NaFlexVit block {type(block).__name__} (supported: {names}; "
-                                "EVA-style NaFlexVit blocks with rotary / gated / grouped-query attention "
-                                "are not covered)")
-            if type(block.attn) is not Attention:
-                raise UserError(f"{where}: unsupported attention {type(block.attn).__name__} "
-                                "(differential or other attention: METHOD §4's perturbations are not defined for it)")
-            check_mlp(block.mlp, where)
+        check_pool(model)
+        check_attn_pool(model)
+        check_blocks(model.blocks, BLOCK_TYPES, (Attention,), block_what="NaFlexVit block",
+                     block_note="supported: Block, ResPostBlock; EVA-style NaFlexVit blocks with rotary / gated / "
+                                "grouped-query attention are not covered", attention_note=OTHER_ATTENTION)
         if model.rope is not None:  # only EVA blocks read it; kept as a guard against new block types
             raise UserError("rotary position embeddings (NaFlexVit rope_type): not covered by the naflex adapter")
         self.input_size = native_input_size(model)
@@ -97,29 +89,10 @@ class NaFlexAdapter(ModelAdapter):
         model = self.model
         patch = tuple(int(p) for p in model.embeds.patch_size)
         grid = tuple(int(g) for g in model.embeds.dynamic_feat_size(self.input_size))
-        return ViTAnatomy(
-            family=self.family,
-            num_blocks=len(model.blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_class_token=bool(model.has_class_token),
-            global_pool=model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(self.value_vectors(1, "mlp").shape[1]) if len(model.blocks) else 0,
-            grid_size=(grid[0], grid[1]),
-            token_cell=(patch[0], patch[1]),
+        return timm_anatomy(
+            self, grid_size=(grid[0], grid[1]), token_cell=(patch[0], patch[1]),
             post_norm=any(isinstance(block, ResPostBlock) for block in model.blocks),
-            skipped=self._skipped(),
         )
-
-    def _skipped(self) -> tuple[tuple[str, str], ...]:
-        model, skipped = self.model, []
-        if not model.has_class_token:
-            skipped.append(("attn_no_cls", "the model has no CLS token"))
-        if not (model.has_class_token and model.global_pool == "token"):
-            skipped.append(("explain", f"explainability differentiates the CLS token the head reads; "
-                                       f"this model pools with global_pool={model.global_pool!r}"))
-        return tuple(skipped)
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -134,42 +107,12 @@ class NaFlexAdapter(ModelAdapter):
                             f"at its input size ({height}, {width}): resize the images to it")
         return self.model._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)["patches"]
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
         """`Block.forward` / `ResPostBlock.forward` in timm's order, every stream exposed.
 
         # resid_pre: [B, T, d] -> BlockTrace
         """
-        return timm_block_forward(self.model.blocks[index - 1], index, resid_pre, keep_mask, need_probs, key_keep,
-                                  probs_edit)
-
-    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """timm's own blocks (no streams kept; token removal as key masking).
-
-        # hidden: [B, T, d], key_keep: [B, T] bool -> resid_final: [B, T, d]
-        """
-        if key_keep is None:
-            return self.model.blocks(hidden)
-        return super().run_blocks(hidden, key_keep)
-
-    def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """The position embedding is absolute and already in `hidden` (the tensor path has no
-        rotary term), so the kept tokens are gathered into a shorter sequence (prefix + n, in
-        sequence order) and run through timm's own blocks and head.
-
-        # hidden: [B, T, d], kept: [B, n] sorted positions -> logits: [B, C]
-        """
-        prefix = self.anatomy.num_prefix_tokens
-        image_tokens = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, n, d]
-        sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
-        return self.model_logits(self.model.blocks(sequence))
+        return timm_block_forward(self.model.blocks[index - 1], index, resid_pre, args)
 
     def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_head(norm(x))` as timm does; with `key_keep`, timm's own masked pooling
@@ -183,26 +126,10 @@ class NaFlexAdapter(ModelAdapter):
 
     # ---- projection ----------------------------------------------------------------------
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS: the CLS token's projection; average pooling without a norm before pooling: the
-        projection of the mean; with the norm before pooling: the mean of the tokens'
-        projections (the head is linear); max / avgmax / attention pooling: the pooled token
-        through `fc_norm` and the head.
+        """What the pooling reads (`common.pooled_parity_logits`), prefix included when timm's
+        pool includes it.
 
         # resid_final: [B, T, d] -> logits: [B, C]
         """
         model = self.model
-        if model.global_pool == "token":
-            return self.project(resid_final[:, 0])
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        tokens = resid_final[:, start:]  # [B, N(+P), d]
-        if model.attn_pool is None and model.global_pool == "avg":
-            if isinstance(model.norm, torch.nn.Identity):
-                return self.project(tokens.mean(dim=1))
-            if isinstance(model.fc_norm, torch.nn.Identity):
-                return self.project(tokens).mean(dim=1)
-        normed = model.norm(tokens)
-        pooled = model.attn_pool(normed) if model.attn_pool is not None else pool_tokens(normed, model.global_pool)
-        weight, bias = self.class_embedding()
-        return F.linear(model.fc_norm(pooled), weight, bias)
-
-    # ---- memories ------------------------------------------------------------------------
+        return pooled_parity_logits(self, resid_final, 0 if model.pool_include_prefix else model.num_prefix_tokens)

@@ -30,73 +30,48 @@ from timm.models.vision_transformer_relpos import (
 )
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import ProbsEdit, attend, merge_heads
-from vitlens.lens.families.base import ModelAdapter
-from vitlens.lens.families.beit import check_pool, head_logits, pool_skipped, pooled_parity_logits
-from vitlens.lens.families.vit import token_grid
-from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
-from vitlens.lens.trace import BlockTrace
+from vitlens.lens.families.base import ViTAnatomy
+from vitlens.lens.families.common import (
+    TOKEN_OR_AVG,
+    BiasedAttentionAdapter,
+    Scale,
+    check_blocks,
+    check_pool,
+    require_type,
+    timm_anatomy,
+)
 
 BLOCK_TYPES = (RelPosBlock, ResPostRelPosBlock)
 REL_POS_TYPES = (RelPosBias, RelPosMlp)
 
 
-class RelPosAdapter(ModelAdapter):
+class RelPosAdapter(BiasedAttentionAdapter):
     """timm `VisionTransformerRelPos` (every option of the class)."""
 
     family = "relpos"
     model_classes = (VisionTransformerRelPos,)
+    qk_norm = True
 
     model: VisionTransformerRelPos
 
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        check_pool(model)
+        check_pool(model, TOKEN_OR_AVG)
+        check_blocks(model.blocks, BLOCK_TYPES, (RelPosAttention,), mlp_types=(Mlp,))
         grid = tuple(int(g) for g in model.patch_embed.grid_size)
         rel_pos = [("the shared rel_pos", model.shared_rel_pos)] if model.shared_rel_pos is not None else []
-        for index, block in enumerate(model.blocks, start=1):
-            where = f"block {index}"
-            if type(block) not in BLOCK_TYPES:
-                names = ", ".join(t.__name__ for t in BLOCK_TYPES)
-                raise UserError(f"{where}: unsupported transformer block {type(block).__name__} (supported: {names})")
-            if type(block.attn) is not RelPosAttention:
-                raise UserError(f"{where}: unsupported attention {type(block.attn).__name__} "
-                                "(supported: RelPosAttention)")
-            if type(block.mlp) is not Mlp:
-                raise UserError(f"{where}: unsupported MLP {type(block.mlp).__name__} (supported: Mlp)")
-            check_mlp(block.mlp, where)
-            if block.attn.rel_pos is not None:
-                rel_pos.append((f"{where}'s rel_pos", block.attn.rel_pos))
+        rel_pos += [(f"block {index}'s rel_pos", block.attn.rel_pos)
+                    for index, block in enumerate(model.blocks, start=1) if block.attn.rel_pos is not None]
         for name, module in rel_pos:
-            if type(module) not in REL_POS_TYPES:
-                names = ", ".join(t.__name__ for t in REL_POS_TYPES)
-                raise UserError(f"{name}: unsupported relative position module {type(module).__name__} "
-                                f"(supported: {names})")
+            require_type(module, REL_POS_TYPES, "relative position module", name)
             if tuple(int(w) for w in module.window_size) != grid or module.prefix_tokens != model.num_prefix_tokens:
                 raise UserError(f"{name} has window {tuple(module.window_size)} and {module.prefix_tokens} prefix "
                                 f"token(s) but the sequence is {model.num_prefix_tokens} prefix token(s) and a "
                                 f"{grid} token grid: its bias does not fit the sequence")
 
     def describe(self) -> ViTAnatomy:
-        model = self.model
-        grid_size, token_cell = token_grid(model.patch_embed)
-        has_class_token = model.cls_token is not None
-        return ViTAnatomy(
-            family=self.family,
-            num_blocks=len(model.blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_class_token=has_class_token,
-            global_pool=model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(mlp_values(model.blocks[0].mlp).shape[1]) if len(model.blocks) else 0,
-            grid_size=grid_size,
-            token_cell=token_cell,
-            post_norm=any(isinstance(block, ResPostRelPosBlock) for block in model.blocks),
-            skipped=tuple(pool_skipped(model, has_class_token)),
-        )
+        return timm_anatomy(self, post_norm=any(isinstance(block, ResPostRelPosBlock) for block in self.model.blocks))
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,94 +97,6 @@ class RelPosAdapter(ModelAdapter):
             return attn.rel_pos.get_bias()
         return shared.get_bias() if shared is not None else None
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
-        """`RelPosBlock` / `ResPostRelPosBlock` with `RelPosAttention.forward` inlined.
-
-        # resid_pre: [B, T, d] -> BlockTrace
-        """
-        block = self.model.blocks[index - 1]
-        post_norm = isinstance(block, ResPostRelPosBlock)
-        attn_raw, coefficients, probs = self._attention(
-            index, resid_pre if post_norm else block.norm1(resid_pre), keep_mask, need_probs, key_keep, probs_edit)
-        attn_out = block.norm1(attn_raw) if post_norm else block.ls1(attn_raw)
-        resid_mid = resid_pre + block.drop_path1(attn_out)
-        mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
-        resid_post = resid_mid + block.drop_path2(mlp_out)
-        return BlockTrace(
-            index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
-            mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=coefficients,
-            mlp_coefficients=mlp_coefficients, attn_probs=probs,
-        )
-
-    def _attention(
-        self,
-        index: int,
-        x: torch.Tensor,
-        keep_mask: torch.Tensor | None,
-        need_probs: bool,
-        key_keep: torch.Tensor | None,
-        probs_edit: ProbsEdit | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`RelPosAttention.forward`: `qkv` → `q_norm` / `k_norm` → attention with the bias →
-        `proj` → `proj_drop`.
-
-        # x: [B, T, d] -> (output [B, T, d], coefficients [B, T, d], probs [B, H, T, T] | None)
-        """
-        attn = self.model.blocks[index - 1].attn
-        batch, tokens, _ = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, T, hd] each
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        heads_out, probs = attend(q, k, v, attn.scale, keep_mask, need_probs, key_keep,
-                                  bias=self.attention_bias(index), probs_edit=probs_edit)
-        coefficients = merge_heads(heads_out)  # [B, T, d]
-        return attn.proj_drop(attn.proj(coefficients)), coefficients, probs
-
-    def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward_head(norm(x))`; with `key_keep`, the average over the kept image tokens.
-
-        # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
-        """
-        return head_logits(self.model, resid_final, key_keep)
-
-    # ---- projection ----------------------------------------------------------------------
-    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """# resid_final: [B, T, d] -> logits: [B, C] (see `beit.pooled_parity_logits`)"""
-        return pooled_parity_logits(self, resid_final)
-
-    # ---- memories ------------------------------------------------------------------------
-    # ---- explainability ------------------------------------------------------------------
-    def cls_branch(
-        self, index: int, trace: BlockTrace, cls_row: torch.Tensor, source: str
-    ) -> torch.Tensor:
-        """Block `index`'s CLS stream from the leaf attention row `cls_row` (pre- and post-norm):
-        the CLS query alone, the same submodules and order as `block_forward`.
-
-        # cls_row: [B, H, T] (leaf) -> x_cls: [B, d]
-        """
-        block = self.model.blocks[index - 1]
-        attn = block.attn
-        post_norm = isinstance(block, ResPostRelPosBlock)
-        resid_pre = trace.resid_pre.detach()  # [B, T, d]
-        x = resid_pre if post_norm else block.norm1(resid_pre)
-        batch, tokens, width = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-        values = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
-        heads_out = torch.einsum("bht,bhtd->bhd", attn.attn_drop(cls_row), values)  # [B, H, hd]
-        attn_raw = attn.proj_drop(attn.proj(heads_out.reshape(batch, width)))  # [B, d]
-        attn_out = block.norm1(attn_raw) if post_norm else block.ls1(attn_raw)
-        if source == "attn":
-            return attn_out
-        resid_mid = resid_pre[:, 0] + block.drop_path1(attn_out)
-        mlp_raw, _ = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
-        return resid_mid + block.drop_path2(mlp_out)
+    def scales(self, block: RelPosBlock | ResPostRelPosBlock) -> tuple[Scale, Scale] | None:
+        """A pre-norm block's layer scales `ls1` / `ls2`; None for a post-norm block."""
+        return None if isinstance(block, ResPostRelPosBlock) else (block.ls1, block.ls2)

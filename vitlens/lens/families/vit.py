@@ -15,8 +15,9 @@ a fused attention+MLP output projection, attention pooling with its own position
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import (
@@ -28,45 +29,31 @@ from timm.models.vision_transformer import (
 )
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import ProbsEdit, attend, attention_sublayer, merge_heads
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
+from vitlens.lens.attention import attention_sublayer, merge_heads
+from vitlens.lens.families.base import AttentionArgs, ViTAnatomy, check_sublayer
+from vitlens.lens.families.common import (
+    AbsolutePositionAdapter,
+    check_attn_pool,
+    check_pool,
+    cls_values,
+    kept_head_logits,
+    pool_tokens,  # noqa: F401  (re-exported: the pooling helper's former home)
+    pooled_parity_logits,
+    require_type,
+    residual_cls_branch,
+    residual_trace,
+    timm_anatomy,
+    token_grid,  # noqa: F401  (re-exported: the grid helper's former home)
+)
 from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
 from vitlens.lens.trace import BlockTrace
 
 BLOCK_TYPES = (Block, ResPostBlock, ParallelScalingBlock, ParallelThingsBlock)
-POOLS = ("token", "avg", "max", "avgmax", "map")
+#: why an attention other than timm's `Attention` is refused
+OTHER_ATTENTION = "differential or other attention: METHOD §4's perturbations are not defined for it"
 
 
-def token_grid(patch_embed: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(grid_size, token_cell) from the patch embedding itself (METHOD §1b): a hybrid ViT's CNN
-    stem strides before its `patch_size`, so its tokens cover img_size / grid_size pixels."""
-    grid = tuple(int(g) for g in patch_embed.grid_size)
-    image = tuple(int(i) for i in patch_embed.img_size)
-    if any(i % g for i, g in zip(image, grid)):
-        raise UserError(f"input {image} is not a whole number of tokens of the {grid} token grid")
-    return (grid[0], grid[1]), (image[0] // grid[0], image[1] // grid[1])
-
-
-def pool_tokens(tokens: torch.Tensor, pool: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """timm's `global_pool_nlc` over `tokens`, optionally over the kept ones only.
-
-    # tokens: [B, T, d], keep: [B, T] bool -> pooled: [B, d]
-    """
-    if keep is None:
-        mean, peak = tokens.mean(dim=1), (tokens.amax(dim=1) if pool != "avg" else None)
-    else:
-        weights = keep[..., None].to(tokens.dtype)
-        mean = (tokens * weights).sum(1) / weights.sum(1)
-        peak = tokens.masked_fill(~keep[..., None], float("-inf")).amax(dim=1) if pool != "avg" else None
-    if pool == "avg":
-        return mean
-    if pool == "max":
-        return peak
-    return 0.5 * (peak + mean)  # avgmax
-
-
-class ViTAdapter(ModelAdapter):
+class ViTAdapter(AbsolutePositionAdapter):
     """`VisionTransformer` and `VisionTransformerDistilled` (including hybrids)."""
 
     family = "vit"
@@ -77,61 +64,30 @@ class ViTAdapter(ModelAdapter):
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        if model.global_pool not in POOLS:
-            raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {POOLS})")
-        if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
-            raise UserError("attention pooling with its own position embedding: a one-token projection is not defined")
+        check_pool(model)
+        check_attn_pool(model)
         for index, block in enumerate(model.blocks, start=1):
             where = f"block {index}"
-            if type(block) not in BLOCK_TYPES:
-                names = ", ".join(t.__name__ for t in BLOCK_TYPES)
-                raise UserError(f"{where}: unsupported transformer block {type(block).__name__} (supported: {names})")
+            require_type(block, BLOCK_TYPES, "transformer block", where)
             if isinstance(block, ParallelScalingBlock):
                 if block.out_proj is not None:
                     raise UserError(
                         f"{where}: ParallelScalingBlock with a fused output projection: the attention "
                         "and MLP outputs share one bias, so the sub-layers are not separable")
                 continue
-            branches = list(block.attns) if isinstance(block, ParallelThingsBlock) else [block]
-            for branch in branches:
-                if type(branch.attn) is not Attention:
-                    raise UserError(f"{where}: unsupported attention {type(branch.attn).__name__} "
-                                    "(differential or other attention: METHOD §4's perturbations are not defined for it)")
-            for branch in (list(block.ffns) if isinstance(block, ParallelThingsBlock) else [block]):
+            for branch in list(block.attns) if isinstance(block, ParallelThingsBlock) else [block]:
+                require_type(branch.attn, (Attention,), "attention", where, OTHER_ATTENTION)
+            for branch in list(block.ffns) if isinstance(block, ParallelThingsBlock) else [block]:
                 check_mlp(branch.mlp, where)
 
     def describe(self) -> ViTAnatomy:
-        model = self.model
-        grid_size, token_cell = token_grid(model.patch_embed)
-        block_types = {type(block) for block in model.blocks}
-        anatomy = ViTAnatomy(
-            family=self.family,
-            num_blocks=len(model.blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_class_token=bool(model.has_class_token),
-            global_pool="map" if model.attn_pool is not None else model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(self.value_vectors(1, "mlp").shape[1]) if len(model.blocks) else 0,
-            grid_size=grid_size,
-            token_cell=token_cell,
-            post_norm=ResPostBlock in block_types,
-            skipped=self._skipped(block_types),
-        )
+        block_types = {type(block) for block in self.model.blocks}
+        anatomy = timm_anatomy(self, post_norm=ResPostBlock in block_types)
+        if ParallelThingsBlock in block_types and anatomy.skip_reason("explain") is None:
+            reason = ("parallel attention branches (ParallelThingsBlock): the per-head CLS-attention "
+                      "gradients of METHOD §6 are defined for one attention")
+            anatomy = dataclasses.replace(anatomy, skipped=anatomy.skipped + (("explain", reason),))
         return anatomy
-
-    def _skipped(self, block_types: set[type]) -> tuple[tuple[str, str], ...]:
-        model, skipped = self.model, []
-        if not model.has_class_token:
-            skipped.append(("attn_no_cls", "the model has no CLS token"))
-        if not (model.has_class_token and model.global_pool == "token" and model.attn_pool is None):
-            pool = "map" if model.attn_pool is not None else model.global_pool
-            skipped.append(("explain", f"explainability differentiates the CLS token the head reads; "
-                                       f"this model pools with global_pool={pool!r}"))
-        elif ParallelThingsBlock in block_types:
-            skipped.append(("explain", "parallel attention branches (ParallelThingsBlock): the per-head "
-                                       "CLS-attention gradients of METHOD §6 are defined for one attention"))
-        return tuple(skipped)
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -142,40 +98,14 @@ class ViTAdapter(ModelAdapter):
         model = self.model
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
         """# resid_pre: [B, T, d] -> BlockTrace"""
         block = self.model.blocks[index - 1]
         if isinstance(block, ParallelScalingBlock):
-            return _parallel_scaling_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
+            return _parallel_scaling_forward(block, index, resid_pre, args)
         if isinstance(block, ParallelThingsBlock):
-            return _parallel_things_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
-        return timm_block_forward(block, index, resid_pre, keep_mask, need_probs, key_keep, probs_edit)
-
-    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """timm's own blocks (no streams kept; token removal as key masking)."""
-        if key_keep is None:
-            return self.model.blocks(hidden)
-        return super().run_blocks(hidden, key_keep)
-
-    def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Absolute position embeddings are already in `hidden`, so the kept tokens are gathered
-        into a shorter sequence (prefix + n, in sequence order) and run through timm's own
-        blocks: the same output as key masking at about half the cost over a curve.
-
-        # hidden: [B, T, d], kept: [B, n] sorted positions -> logits: [B, C]
-        """
-        prefix = self.anatomy.num_prefix_tokens
-        image_tokens = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, n, d]
-        sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
-        return self.model_logits(self.model.blocks(sequence))
+            return _parallel_things_forward(block, index, resid_pre, args)
+        return timm_block_forward(block, index, resid_pre, args)
 
     def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_head(norm(x))` as timm does; with `key_keep`, pooling over kept tokens only.
@@ -183,17 +113,13 @@ class ViTAdapter(ModelAdapter):
         # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
         """
         model = self.model
-        hidden = model.norm(resid_final)
-        if key_keep is None or model.global_pool == "token" or isinstance(model, VisionTransformerDistilled):
-            return model.forward_head(hidden)
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        tokens, keep = hidden[:, start:], key_keep[:, start:]
-        if model.attn_pool is not None:  # an additive mask: right for timm's fused and unfused paths
-            additive = torch.zeros(keep.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~keep, float("-inf"))
-            pooled = model.attn_pool(tokens, attn_mask=additive[:, None, None, :])
-        else:
-            pooled = pool_tokens(tokens, model.global_pool, keep)
-        return model.head(model.head_drop(model.fc_norm(pooled)))
+        if isinstance(model, VisionTransformerDistilled):
+            return model.forward_head(model.norm(resid_final))
+        return kept_head_logits(self, resid_final, key_keep, self._pool_start())
+
+    def _pool_start(self) -> int:
+        """The first sequence position timm's pooling reads (`pool_include_prefix`)."""
+        return 0 if self.model.pool_include_prefix else self.model.num_prefix_tokens
 
     # ---- projection ----------------------------------------------------------------------
     def class_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -207,10 +133,8 @@ class ViTAdapter(ModelAdapter):
         return model.head.weight, model.head.bias
 
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS: the CLS token's projection; distilled: the mean of head(norm cls) and
-        head_dist(norm dist); average pooling without a norm before pooling: the projection of
-        the mean; with the norm before pooling: the mean of the tokens' projections (the head
-        is linear); max / attention pooling: the pooled token through the head.
+        """Distilled: the mean of head(norm cls) and head_dist(norm dist); otherwise what the
+        pooling reads (`common.pooled_parity_logits`).
 
         # resid_final: [B, T, d] -> logits: [B, C]
         """
@@ -218,19 +142,7 @@ class ViTAdapter(ModelAdapter):
         if isinstance(model, VisionTransformerDistilled):
             normed = model.norm(resid_final)
             return (model.head(normed[:, 0]) + model.head_dist(normed[:, 1])) / 2
-        if model.global_pool == "token" and model.attn_pool is None:
-            return self.project(resid_final[:, 0])
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        tokens = resid_final[:, start:]
-        if model.attn_pool is None and model.global_pool == "avg":
-            if isinstance(model.norm, torch.nn.Identity):
-                return self.project(tokens.mean(dim=1))
-            if isinstance(model.fc_norm, torch.nn.Identity):
-                return self.project(tokens).mean(dim=1)
-        normed = model.norm(tokens)
-        pooled = model.attn_pool(normed) if model.attn_pool is not None else pool_tokens(normed, model.global_pool)
-        weight, bias = self.class_embedding()
-        return F.linear(model.fc_norm(pooled), weight, bias)
+        return pooled_parity_logits(self, resid_final, self._pool_start())
 
     # ---- memories ------------------------------------------------------------------------
     def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
@@ -259,54 +171,36 @@ class ViTAdapter(ModelAdapter):
         block = self.model.blocks[index - 1]
         if not isinstance(block, (Block, ResPostBlock)):
             return super().cls_branch(index, trace, cls_row, source)
-        post_norm = isinstance(block, ResPostBlock)
         attn = block.attn
-        resid_pre = trace.resid_pre.detach()  # [B, T, d]
-        attn_input = resid_pre if post_norm else block.norm1(resid_pre)
-        batch, tokens, _ = attn_input.shape
-        qkv = attn.qkv(attn_input).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-        values = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
-        heads_out = torch.einsum("bht,bhtd->bhd", attn.attn_drop(cls_row), values)  # [B, H, hd]
-        coefficients = attn.norm(heads_out.reshape(batch, attn.attn_dim))  # [B, d]
-        if attn.gate is not None:
-            coefficients = coefficients * attn.gate(attn_input[:, 0]).sigmoid()
-        output = attn.proj_drop(attn.proj(coefficients))
-        attn_out = block.norm1(output) if post_norm else block.ls1(output)
-        if source == "attn":
-            return attn_out
-        resid_mid = resid_pre[:, 0] + block.drop_path1(attn_out)
-        mlp_raw, _ = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-        mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)
-        return resid_mid + block.drop_path2(mlp_out)
+
+        def cls_attention(x: torch.Tensor) -> torch.Tensor:
+            """# x: [B, T, d] (the attention's input) -> the CLS query's attention output [B, d]"""
+            coefficients = attn.norm(cls_values(attn.attn_drop(cls_row), attn.qkv(x), attn.num_heads))
+            if attn.gate is not None:
+                coefficients = coefficients * attn.gate(x[:, 0]).sigmoid()
+            return attn.proj_drop(attn.proj(coefficients))
+
+        return residual_cls_branch(block, trace.resid_pre.detach(), cls_attention, _scales(block), source)
+
+
+def _scales(block: Block | ResPostBlock) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """A pre-norm block's layer scales; None for a post-norm `ResPostBlock` (`residual_trace`)."""
+    return None if isinstance(block, ResPostBlock) else (block.ls1, block.ls2)
 
 
 def timm_block_forward(
-    block: Block | ResPostBlock, index: int, resid_pre: torch.Tensor, keep_mask: torch.Tensor | None = None,
-    need_probs: bool = False, key_keep: torch.Tensor | None = None, probs_edit: ProbsEdit | None = None,
+    block: Block | ResPostBlock, index: int, resid_pre: torch.Tensor, args: AttentionArgs = AttentionArgs(),
 ) -> BlockTrace:
     """timm's pre-norm `Block` or post-norm `ResPostBlock` (its sub-layer streams after the
     block's own `norm1` / `norm2`), in timm's order, every stream exposed (also NaFlexViT's).
 
     # resid_pre: [B, T, d] -> BlockTrace
     """
-    post_norm = isinstance(block, ResPostBlock)
-    attn_input = resid_pre if post_norm else block.norm1(resid_pre)  # [B, T, d]
-    attention = attention_sublayer(block.attn, attn_input, keep_mask, need_probs, key_keep, probs_edit)
-    attn_out = block.norm1(attention.output) if post_norm else block.ls1(attention.output)  # [B, T, d]
-    resid_mid = resid_pre + block.drop_path1(attn_out)
-    mlp_raw, mlp_coefficients = mlp_forward(block.mlp, resid_mid if post_norm else block.norm2(resid_mid))
-    mlp_out = block.norm2(mlp_raw) if post_norm else block.ls2(mlp_raw)  # [B, T, d]
-    resid_post = resid_mid + block.drop_path2(mlp_out)
-    return BlockTrace(
-        index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid,
-        mlp_out=mlp_out, resid_post=resid_post, attn_coefficients=attention.coefficients,
-        mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
-    )
+    return residual_trace(block, index, resid_pre, lambda x: attention_sublayer(block.attn, x, *args), _scales(block))
 
 
 def _parallel_scaling_forward(
-    block: ParallelScalingBlock, index: int, resid_pre: torch.Tensor, keep_mask: torch.Tensor | None,
-    need_probs: bool, key_keep: torch.Tensor | None, probs_edit: ProbsEdit | None,
+    block: ParallelScalingBlock, index: int, resid_pre: torch.Tensor, args: AttentionArgs,
 ) -> BlockTrace:
     """ViT-22B's parallel block: one `in_proj` feeds attention and MLP, outputs summed.
 
@@ -320,7 +214,7 @@ def _parallel_scaling_forward(
     q = block.q_norm(q.view(heads)).transpose(1, 2)
     k = block.k_norm(k.view(heads)).transpose(1, 2)
     v = v.view(heads).transpose(1, 2)
-    heads_out, probs = attend(q, k, v, block.scale, keep_mask, need_probs, key_keep, probs_edit=probs_edit)
+    heads_out, probs = args.attend(q, k, v, block.scale)
     x_attn = merge_heads(heads_out)  # [B, T, d]
     attn_raw = block.attn_out_proj(x_attn)
     mlp_raw = block.mlp_out_proj(block.mlp_drop(block.mlp_act(x_mlp)))
@@ -333,8 +227,7 @@ def _parallel_scaling_forward(
 
 
 def _parallel_things_forward(
-    block: ParallelThingsBlock, index: int, resid_pre: torch.Tensor, keep_mask: torch.Tensor | None,
-    need_probs: bool, key_keep: torch.Tensor | None, probs_edit: ProbsEdit | None,
+    block: ParallelThingsBlock, index: int, resid_pre: torch.Tensor, args: AttentionArgs,
 ) -> BlockTrace:
     """`num_parallel` attentions summed, then `num_parallel` MLPs summed.
 
@@ -342,7 +235,7 @@ def _parallel_things_forward(
     """
     outputs, coefficients, probs = [], [], []
     for branch in block.attns:
-        attention = attention_sublayer(branch.attn, branch.norm(resid_pre), keep_mask, need_probs, key_keep, probs_edit)
+        attention = attention_sublayer(branch.attn, branch.norm(resid_pre), *args)
         outputs.append(branch.drop_path(branch.ls(attention.output)))
         coefficients.append(attention.coefficients)
         probs.append(attention.probs)

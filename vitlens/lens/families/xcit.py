@@ -56,11 +56,11 @@ from timm.models.xcit import LPI, XCA, ClassAttentionBlock, ConvPatchEmbed, XCAB
 from timm.layers import Mlp
 
 from vitlens.errors import UserError
-from vitlens.lens.anatomy import ViTAnatomy
-from vitlens.lens.attention import AttentionResult, ProbsEdit, attend
-from vitlens.lens.families.base import ModelAdapter, check_sublayer
-from vitlens.lens.families.cait import POOLS, class_attention, insert_cls, mean_head_logits
-from vitlens.lens.mlp import mlp_forward, mlp_values
+from vitlens.lens.attention import AttentionResult, attend
+from vitlens.lens.families.base import AttentionArgs, ViTAnatomy
+from vitlens.lens.families.cait import ClassAttentionAdapter, class_attention
+from vitlens.lens.families.common import require_type
+from vitlens.lens.mlp import mlp_forward
 from vitlens.lens.trace import BlockTrace
 
 XCA_REASON = "cross-covariance attention (XCA) attends over channels, not tokens: there is no token-to-token attention"
@@ -94,25 +94,21 @@ def cross_covariance_attention(attn: XCA, x: torch.Tensor) -> AttentionResult:
     return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=None)
 
 
-class XcitAdapter(ModelAdapter):
+class XcitAdapter(ClassAttentionAdapter):
     """timm `Xcit`: XCA blocks (XCA, LPI, MLP), then class-attention blocks."""
 
     family = "xcit"
     model_classes = (Xcit,)
+    class_blocks = "cls_attn_blocks"
 
     model: Xcit
 
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
         model = self.model
-        if model.global_pool not in POOLS:
-            raise UserError(f"global_pool={model.global_pool!r} is not supported (use one of {POOLS}): "
-                            "the head on every token gives no pooled output")
-        if model.cls_attn_blocks is None or len(model.cls_attn_blocks) == 0:
-            raise UserError("XCiT without class-attention blocks: the CLS token is never computed")
+        self._check_class_attention()
         embed = model.patch_embed
-        if type(embed) is not ConvPatchEmbed:
-            raise UserError(f"unsupported patch embedding {type(embed).__name__} (supported: ConvPatchEmbed)")
+        require_type(embed, (ConvPatchEmbed,), "patch embedding")
         if any(size % embed.patch_size for size in embed.img_size):
             raise UserError(f"input {tuple(embed.img_size)} is not a whole number of {embed.patch_size}-pixel patches")
         for index, block in enumerate(model.blocks, start=1):
@@ -129,29 +125,9 @@ class XcitAdapter(ModelAdapter):
                                 "(supported: ClassAttentionBlock with ClassAttn and Mlp)")
 
     def describe(self) -> ViTAnatomy:
-        model = self.model
-        embed = model.patch_embed
+        embed = self.model.patch_embed
         grid_size = (int(embed.img_size[0]) // embed.patch_size, int(embed.img_size[1]) // embed.patch_size)
-        depth = len(model.blocks)
-        return ViTAnatomy(
-            family=self.family,
-            num_blocks=depth + len(model.cls_attn_blocks),
-            num_prefix_tokens=1,
-            has_class_token=True,
-            global_pool=model.global_pool,
-            embed_dim=int(model.embed_dim),
-            num_classes=int(model.num_classes),
-            mlp_width=int(mlp_values(self._block(1).mlp).shape[1]),
-            grid_size=grid_size,
-            token_cell=(embed.patch_size, embed.patch_size),
-            cls_from_block=depth + 1,
-            skipped=SKIPPED,
-        )
-
-    def _block(self, index: int) -> XCABlock | ClassAttentionBlock:
-        """Block `index` (1-based) over the XCA then the class-attention blocks."""
-        depth = len(self.model.blocks)
-        return self.model.blocks[index - 1] if index <= depth else self.model.cls_attn_blocks[index - 1 - depth]
+        return self._anatomy(grid_size=grid_size, token_cell=(embed.patch_size, embed.patch_size), skipped=SKIPPED)
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,26 +146,18 @@ class XcitAdapter(ModelAdapter):
             hidden = hidden + model.pos_embed(batch, rows, cols).reshape(batch, -1, hidden.shape[1]).permute(0, 2, 1)
         return model.pos_drop(hidden)
 
-    def block_forward(
-        self,
-        index: int,
-        resid_pre: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        need_probs: bool = False,
-        key_keep: torch.Tensor | None = None,
-        probs_edit: ProbsEdit | None = None,
-    ) -> BlockTrace:
+    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
         """# resid_pre: [B, N, d] (XCA block; first class-attention block) or [B, 1+N, d]
         #   (later class-attention blocks) -> BlockTrace"""
-        if keep_mask is not None or key_keep is not None:
+        if args.keep_mask is not None or args.key_keep is not None:
             raise UserError(f"XCiT: attention perturbations and token removal do not apply ({XCA_REASON}; "
                             "LPI convolves the full token grid)")
         block = self._block(index)
         if isinstance(block, XCABlock):
-            if need_probs or probs_edit is not None:
+            if args.need_probs or args.probs_edit is not None:
                 raise UserError(f"XCiT block {index}: {XCA_REASON}")
             return self._xca_block(index, block, resid_pre)
-        return self._class_attention_block(index, block, resid_pre, need_probs, probs_edit)
+        return self._class_attention_block(index, block, resid_pre, args)
 
     def _xca_block(self, index: int, block: XCABlock, resid_pre: torch.Tensor) -> BlockTrace:
         """XCA, LPI, MLP as `XCABlock.forward` (LPI's output goes into `resid_mid`).
@@ -211,16 +179,15 @@ class XcitAdapter(ModelAdapter):
         )
 
     def _class_attention_block(
-        self, index: int, block: ClassAttentionBlock, resid_pre: torch.Tensor, need_probs: bool,
-        probs_edit: ProbsEdit | None,
+        self, index: int, block: ClassAttentionBlock, resid_pre: torch.Tensor, args: AttentionArgs,
     ) -> BlockTrace:
         """`ClassAttentionBlock.forward` exactly, image-token updates included (module notes).
 
         # resid_pre: [B, N, d] or [B, 1+N, d] -> BlockTrace (first_token 0, sublayer_tokens 1)
         """
-        sequence = insert_cls(self.model.cls_token, resid_pre, self.anatomy.num_image_tokens)  # [B, T, d]
+        sequence = self._with_cls(resid_pre)  # [B, T, d]
         normed = block.norm1(sequence)
-        attention = class_attention(block.attn, normed, need_probs=need_probs, probs_edit=probs_edit)
+        attention = class_attention(block.attn, normed, args)
         added = block.gamma1 * torch.cat([attention.output, normed[:, 1:]], dim=1)  # [B, T, d]
         after_attn = sequence + block.drop_path1(added)
         if block.tokens_norm:
@@ -248,24 +215,3 @@ class XcitAdapter(ModelAdapter):
         if key_keep is not None:
             raise UserError(f"XCiT: {dict(SKIPPED)['remove_class_tokens']}")
         return self.model.forward_head(self.model.norm(resid_final))
-
-    # ---- projection ----------------------------------------------------------------------
-    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS pooling: the CLS token's projection; average pooling (after the norm): the mean
-        of the image tokens' projections.
-
-        # resid_final: [B, 1+N, d] -> logits: [B, C]
-        """
-        if self.model.global_pool == "token":
-            return self.project(resid_final[:, 0])
-        return mean_head_logits(self, resid_final[:, 1:])
-
-    # ---- memories ------------------------------------------------------------------------
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """attn: the columns of `attn.proj` (XCA or ClassAttn); mlp: the columns of `mlp.fc2`.
-
-        # -> values: [d, M]
-        """
-        check_sublayer(sublayer)
-        block = self._block(index)
-        return block.attn.proj.weight if sublayer == "attn" else mlp_values(block.mlp)
