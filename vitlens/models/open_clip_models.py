@@ -159,6 +159,25 @@ def _pretrained_config(open_clip: Any, arch: str, pretrained: str) -> dict[str, 
     return config
 
 
+#: the preprocessing keys a pretrained tag sets (open_clip's `PreprocessCfg` fields)
+TAG_PREPROCESS_KEYS: tuple[str, ...] = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _shared_tag_preprocess(arch: str, tag: str | None) -> dict[str, Any]:
+    """The preprocessing of pretrained `tag` of `arch`, or (no tag) the one every tag of `arch`
+    shares; empty for schemas, architectures without tags, and tags that disagree."""
+    open_clip = require("open_clip")
+    if arch.startswith(SCHEMAS):
+        return {}
+    tags = [tag] if tag is not None else open_clip.list_pretrained_tags_by_model(arch.replace("/", "-"))
+    found = set()
+    for name in tags:
+        config = _pretrained_config(open_clip, arch.replace("/", "-"), name)
+        found.add(tuple((key, tuple(value) if isinstance(value, list) else value)
+                        for key, value in config.items() if key in TAG_PREPROCESS_KEYS))
+    return dict(found.pop()) if len(found) == 1 else {}
+
+
 def _build_meta_tower(arch: str, pretrained: str | None) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The image tower alone on the meta device; (tower, preprocess_cfg, model_cfg)."""
     open_clip = require("open_clip")
@@ -245,9 +264,15 @@ def load_open_clip(
     random_seed: int | None = None,
     device: str = "cpu",
     meta: bool = False,
+    preprocess_from: str | None = None,
 ) -> LibraryModel:
     """An open_clip model's image tower as a `ZeroShotClassifier` (no class space yet), its eval
     preprocessing, its text encoder and `exp(logit_scale)` / `logit_bias` (see the module notes).
+
+    Weights from a checkpoint file or a random seed take the preprocessing (mean, std,
+    interpolation, resize mode) of the pretrained tag `preprocess_from` (the tag the file was
+    fine-tuned from; the trained twin's tag for a random twin), else the one all of the
+    architecture's tags share (SigLIP's 0.5 / 0.5), else open_clip's defaults.
 
     Raises `UserError` (one line) for unknown architectures or tags, missing files, more or
     fewer than one weight source, and anything open_clip refuses while building.
@@ -255,8 +280,10 @@ def load_open_clip(
     require("open_clip")
     weights = _weights_source(arch, pretrained, checkpoint, None if meta else random_seed, meta)
     description = f"open_clip {arch} ({weights})"
+    tag_preprocess = {} if pretrained is not None else _shared_tag_preprocess(arch, preprocess_from)
     if meta:
         tower, preprocess, config = _build_meta_tower(arch, pretrained)
+        preprocess = {**preprocess, **tag_preprocess}
         scale = config.get("init_logit_scale", math.log(1 / 0.07))
         bias = config.get("init_logit_bias")
         return LibraryModel(model=_wrap(tower, int(config["embed_dim"])),
@@ -269,7 +296,7 @@ def load_open_clip(
     bias = getattr(model, "logit_bias", None)
     return LibraryModel(
         model=_wrap(model.visual, int(config["embed_dim"])),
-        data_config=data_config_from_preprocess(model.visual.preprocess_cfg),
+        data_config=data_config_from_preprocess({**model.visual.preprocess_cfg, **tag_preprocess}),
         text=_text_encoder(model, name, device),
         logit_scale=float(model.logit_scale.detach().exp()),
         logit_bias=None if bias is None else float(bias.detach()),

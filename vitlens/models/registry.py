@@ -394,7 +394,8 @@ def load_library_model(spec: VariantSpec, device: str | torch.device = "cpu", me
         arch, _, tag = (source, "", "") if source.startswith(OPEN_CLIP_SCHEMAS) else source.partition("/")
         return load_open_clip(arch, tag or None if spec.weights == "hub" else None,
                               checkpoint=spec.checkpoint_path if spec.weights == "checkpoint" else None,
-                              random_seed=seed, device=str(device), meta=meta)
+                              random_seed=seed, device=str(device), meta=meta,
+                              preprocess_from=tag or None)  # a random twin sees the trained twin's pixels
     from vitlens.models.hf_models import load_hf_model
 
     source = spec.checkpoint_path if spec.weights == "checkpoint" else spec.source
