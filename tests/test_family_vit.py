@@ -170,3 +170,31 @@ def test_attention_pooling_over_kept_tokens_equals_the_shortened_sequence(fused:
         final = adapter.run_blocks(adapter.embed(torch.randn(2, 3, 32, 32)), keep)
         expected = model.head(model.fc_norm(model.attn_pool(model.norm(final)[:, :5])))
         torch.testing.assert_close(adapter.model_logits(final, keep), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vitamin_gated_mlp_streams_and_memories_are_timms() -> None:
+    """ViTamin's `GeGluMlp` (norm, act(w0 x) * w1 x, w2): parity, the MLP stream equal to timm's
+    own module output, the memory coefficients equal to what `w2` receives (a forward pre-hook),
+    and the value vectors `w2`'s columns."""
+    from timm.models.vitamin import GeGluMlp
+
+    from vitlens.lens.memories import value_vectors
+
+    model = tiny_vit(seed=3, mlp_layer=GeGluMlp)
+    images = torch.randn(2, 3, 32, 32)
+    assert check_parity(model, images).ok
+    received, outputs = [], []
+    block = model.blocks[0]
+    handles = [block.mlp.w2.register_forward_pre_hook(lambda m, args: received.append(args[0])),
+               block.mlp.register_forward_hook(lambda m, args, out: outputs.append(out))]
+    try:
+        with torch.no_grad():
+            model(images)
+            adapter = adapter_for(model)
+            trace = next(adapter.iter_block_traces(adapter.embed(images)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(trace.mlp_coefficients, received[0], atol=1e-6)
+    assert torch.allclose(trace.mlp_out, block.ls2(outputs[0]), atol=1e-6)
+    assert torch.equal(value_vectors(model, 1, "mlp"), block.mlp.w2.weight)

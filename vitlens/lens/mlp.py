@@ -3,19 +3,22 @@
 Value vectors are the columns of `fc2.weight` for every MLP type (METHOD §3). The memory
 coefficients are what multiplies them:
 - `Mlp` (GELU MLP): the `fc1` output before the activation (METHOD §3 as written);
-- gated MLPs (`GluMlp`/`SwiGLUPacked`, `SwiGLU`): there is no single pre-activation per
-  memory (each is `act(gate) * value`), so the coefficient is the input of `fc2` itself (after
-  the gating, dropout and the MLP's own norm): the signed weight each value vector receives.
+- gated MLPs (`GluMlp`/`SwiGLUPacked`, `SwiGLU`, ViTamin's `GeGluMlp`): there is no single
+  pre-activation per memory (each is `act(gate) * value`), so the coefficient is the input of
+  the output projection itself (after the gating, dropout and the MLP's own norm): the signed
+  weight each value vector receives. `GeGluMlp` names its projections `w0` (gate), `w1`, `w2`
+  (output) and norms its input first.
 """
 
 from __future__ import annotations
 
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
+from timm.models.vitamin import GeGluMlp
 
 from vitlens.errors import UserError
 
-MLP_TYPES = (Mlp, GluMlp, SwiGLU)
+MLP_TYPES = (Mlp, GluMlp, SwiGLU, GeGluMlp)
 
 
 def check_mlp(mlp: torch.nn.Module, where: str) -> None:
@@ -42,6 +45,10 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     elif type(mlp) is SwiGLU:
         gated = mlp.act(mlp.fc1_g(x)) * mlp.fc1_x(x)
         hidden = coefficients = mlp.norm(mlp.drop1(gated))
+    elif type(mlp) is GeGluMlp:
+        normed = mlp.norm(x)
+        hidden = coefficients = mlp.drop1(mlp.act(mlp.w0(normed)) * mlp.w1(normed))
+        return mlp.drop2(mlp.w2(hidden)), coefficients
     else:
         raise UserError(f"unsupported MLP {type(mlp).__name__}")
     return mlp.drop2(mlp.fc2(hidden)), coefficients
@@ -52,4 +59,4 @@ def mlp_values(mlp: torch.nn.Module) -> torch.Tensor:
 
     # -> values: [d, M]
     """
-    return mlp.fc2.weight
+    return mlp.w2.weight if type(mlp) is GeGluMlp else mlp.fc2.weight

@@ -52,7 +52,7 @@ from vitlens.models.zeroshot import attach_class_space, imagenet_class_names, op
 #: The timm modules (`timm.models._registry._model_to_module`) whose architectures the sweep covers.
 COVERED_MODULES: tuple[str, ...] = (
     "vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit", "cait", "xcit",
-    "naflexvit", "vision_transformer_relpos",
+    "naflexvit", "vision_transformer_relpos", "vitamin",
 )
 STATUSES: tuple[str, ...] = ("ok", "refused", "wrong", "crash", "too_large")
 DEFAULT_MAX_PARAMS = 700_000_000
