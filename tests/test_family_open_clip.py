@@ -1,4 +1,4 @@
-"""open_clip towers (`vitlens/lens/families/open_clip.py`) and their loader
+"""open_clip towers (`vitlens/lens/families/open_clip.py`, `open_clip_timm.py`) and their loader
 (`vitlens/models/open_clip_models.py`) against open_clip's own modules.
 
 Every expectation comes from open_clip (or torch / timm modules it calls): forward hooks on
@@ -40,7 +40,8 @@ from vitlens.errors import UserError
 from vitlens.lens import STREAM_RESID, Lens
 from vitlens.lens.classifiers import ZeroShotClassifier
 from vitlens.lens.families import adapter_for
-from vitlens.lens.families.open_clip import OpenClipAdapter, OpenClipTimmAdapter
+from vitlens.lens.families.open_clip import OpenClipAdapter
+from vitlens.lens.families.open_clip_timm import OpenClipTimmAdapter
 from vitlens.lens.parity import check_parity
 from vitlens.models.open_clip_models import (
     PooledFeatures,

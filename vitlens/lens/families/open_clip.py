@@ -17,10 +17,7 @@ Covered:
   after pooling (`final_ln_after_pool`), `proj`; CoCa's attentional pooler (`attn_pool`, any
   number of queries): one token is a one-key sequence, so every query reads that key's value
   with weight exactly 1 and the pooled vector is `ln_post(out_proj(W_v ln_k(h) + b_v))`.
-- `open_clip.timm_model.TimmModel` towers (SigLIP, EVA-CLIP, Perception Encoder, MobileCLIP-B,
-  ViTamin, ...; family "open_clip_timm"): the trunk's own timm family adapter (vit, eva, relpos,
-  beit) for the embedding, the blocks, the trunk's pooling and norms, then the trunk's `head`
-  (EVA configs: the projection) and the tower's `head` (`proj` Linear, dropout).
+- `open_clip.timm_model.TimmModel` towers: `open_clip_timm.py`.
 
 Value vectors (METHOD §3) live where the class embedding does: the columns of `out_proj` /
 `c_proj` (trunk: its family's value vectors) mapped through the LINEAR part of the one-token head
@@ -39,8 +36,6 @@ the CLS token (`pool_type="tok"`, no pooler).
 
 from __future__ import annotations
 
-import dataclasses
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +49,6 @@ from vitlens.lens.trace import BlockTrace
 
 try:
     from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.timm_model import TimmModel
     from open_clip.transformer import (
         AttentionalPooler,
         CustomResidualAttentionBlock,
@@ -63,11 +57,9 @@ try:
     )
     from open_clip.transformer import Attention as OpenClipAttention
 except ImportError:  # the optional 'clip' extra is not installed: nothing registers
-    VisionTransformer = TimmModel = ModifiedResNet = None  # type: ignore[assignment, misc]
+    VisionTransformer = ModifiedResNet = None  # type: ignore[assignment, misc]
     AttentionalPooler = CustomResidualAttentionBlock = ResidualAttentionBlock = OpenClipAttention = None
 
-#: timm families whose head path is `head(fc_norm(pool(norm h)))` (base `norm_final`), tested as trunks
-TRUNK_FAMILIES = ("vit", "eva", "relpos", "beit")
 MLP_LAYOUTS = (["c_fc", "gelu", "c_proj"], ["c_fc", "gelu", "ln", "c_proj"])
 
 
@@ -355,124 +347,3 @@ class OpenClipResNetRefusal(OpenClipAdapter):
     def check(self) -> None:
         raise UserError("open_clip ModifiedResNet towers (RN50, RN101, ...) are CNNs: there is no token "
                         "sequence for the lens to analyse")
-
-
-class _HeadlessInit(ModelAdapter):
-    """Placed after a timm family adapter in a subclass's MRO: its `super().__init__` checks and
-    describes a headless trunk (`num_classes=0`), which the base `__init__` refuses."""
-
-    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - the base's, minus the head check
-        self.model = model
-        self.check()
-        self.anatomy = self.describe()
-
-
-@lru_cache(maxsize=None)
-def _headless(adapter_class: type[ModelAdapter]) -> type[ModelAdapter]:
-    """`adapter_class` accepting a trunk without a linear head (never registered)."""
-    return type(f"Headless{adapter_class.__name__}", (adapter_class, _HeadlessInit), {"model_classes": ()})
-
-
-class OpenClipTimmAdapter(ModelAdapter):
-    """open_clip `TimmModel` towers: a timm ViT trunk (its own lens family), then its heads."""
-
-    family = "open_clip_timm"
-    model_classes = (TimmModel,) if TimmModel is not None else ()
-
-    trunk_adapter: ModelAdapter
-
-    def final_norms(self) -> list[tuple[str, nn.Module]]:
-        """The timm trunk's own head-path norms (the L2 normalisation stays live)."""
-        return [(f"visual.trunk.{name}", module) for name, module in self.trunk_adapter.final_norms()]
-
-    @property
-    def tower(self) -> "TimmModel":
-        """The open_clip `TimmModel` (never modified)."""
-        return self.model.tower
-
-    # ---- anatomy -------------------------------------------------------------------------
-    def check(self) -> None:
-        from vitlens.lens.families import adapter_classes
-
-        trunk = self.tower.trunk
-        trunk_class = adapter_classes().get(type(trunk))
-        if trunk_class is None or trunk_class.family not in TRUNK_FAMILIES:
-            raise UserError(f"open_clip timm tower with a {type(trunk).__name__} trunk: the lens has no "
-                            f"ViT family for it (supported trunk families: {', '.join(TRUNK_FAMILIES)})")
-        if getattr(trunk, "head_dist", None) is not None:
-            raise UserError("a distilled timm trunk (head_dist) is not a contrastive image tower")
-        for name, module in self.tower.head.named_children():
-            if not isinstance(module, (nn.Dropout, nn.Linear)):
-                raise UserError(f"open_clip timm tower head '{name}' ({type(module).__name__}) is not supported "
-                                "(supported: dropout and a linear projection)")
-        if not isinstance(trunk.head, (nn.Identity, nn.Linear)):
-            raise UserError(f"timm trunk head {type(trunk.head).__name__} is not linear")
-        try:
-            self.trunk_adapter = _headless(trunk_class)(trunk)
-        except UserError as err:
-            raise UserError(f"open_clip timm trunk {type(trunk).__name__}: {err}") from None
-
-    def describe(self) -> ViTAnatomy:
-        return dataclasses.replace(self.trunk_adapter.anatomy, family=self.family,
-                                   num_classes=int(self.model.num_classes))
-
-    # ---- forward (the trunk's family) ------------------------------------------------------
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk family's embedding. # images: [B, 3, H, W] -> hidden: [B, P+N, d]"""
-        return self.trunk_adapter.embed(images)
-
-    def trace_block(self, index: int, resid_pre: torch.Tensor, args: AttentionArgs) -> BlockTrace:
-        """The trunk family's block. # resid_pre: [B, T, d] -> BlockTrace"""
-        return self.trunk_adapter.block_forward(index, resid_pre, *args)
-
-    def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The trunk family's block loop. # hidden: [B, T0, d] -> [B, T, d]"""
-        return self.trunk_adapter.run_blocks(hidden, key_keep)
-
-    def _classify(self, trunk_output: torch.Tensor) -> torch.Tensor:
-        """The tower's head, L2 normalisation, the wrapper's head. # [..., d_trunk] -> [..., C]"""
-        return self.model.head(F.normalize(self.tower.head(trunk_output), dim=-1))
-
-    def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """The trunk family's token removal (its output is the trunk's features), then the heads.
-
-        # hidden: [B, T, d], kept: [B, n] -> logits: [B, C]
-        """
-        return self._classify(self.trunk_adapter.logits_keeping(hidden, kept))
-
-    def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The trunk's own head path (its family's `model_logits`: pooling, norms, trunk head),
-        then the tower's head, normalisation and the class space.
-
-        # resid_final: [B, T, d], key_keep: [B, T] bool -> logits: [B, C]
-        """
-        return self._classify(self.trunk_adapter.model_logits(resid_final, key_keep))
-
-    # ---- projection ----------------------------------------------------------------------
-    def norm_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The trunk family's one-token head path, the trunk's head, the tower's head, L2
-        normalisation. # hidden: [..., d] -> [..., d'] (unit norm)"""
-        trunk_features = self.tower.trunk.head(self.trunk_adapter.norm_final(hidden))
-        return F.normalize(self.tower.head(trunk_features), dim=-1)
-
-    def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """CLS pooling: the CLS token's projection; other pooling: the trunk's pooled vector
-        through the heads. # resid_final: [B, T, d] -> logits: [B, C]"""
-        anatomy = self.anatomy
-        if anatomy.global_pool == "token" and anatomy.has_class_token:
-            return self.project(resid_final[:, 0])
-        return self.model_logits(resid_final)
-
-    # ---- explainability / memories -----------------------------------------------------------
-    def cls_branch(self, index: int, trace: BlockTrace, cls_row: torch.Tensor, source: str) -> torch.Tensor:
-        """The trunk family's CLS branch. # cls_row: [B, H, T] (leaf) -> x_cls: [B, d]"""
-        return self.trunk_adapter.cls_branch(index, trace, cls_row, source)
-
-    def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
-        """The trunk family's value vectors mapped through the trunk's and the tower's linear
-        heads (weights only). # -> values: [d', M]"""
-        values = self.trunk_adapter.value_vectors(index, sublayer)
-        for layer in (self.tower.trunk.head, *self.tower.head.children()):
-            if isinstance(layer, nn.Linear):
-                values = layer.weight @ values
-        return values
