@@ -82,17 +82,6 @@ def _model_config(arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, {}
 
 
-def tower_kind(arch: str) -> str:
-    """The image tower open_clip builds for `arch`: "vit" (its own VisionTransformer), "timm" (a
-    `TimmModel` around a timm trunk), "resnet" (`ModifiedResNet`)."""
-    vision = _model_config(arch)[0]["vision_cfg"]
-    if vision.get("timm_model_name"):
-        return "timm"
-    if isinstance(vision.get("layers"), (list, tuple)):
-        return "resnet"
-    return "vit"
-
-
 def _first_line(err: BaseException) -> str:
     """The first line of an exception's message (one-line errors)."""
     text = str(err).strip().splitlines()

@@ -8,7 +8,7 @@ so that `head(n(features(x)))` are the library's own zero-shot logits.
 
 A zero-shot head file is an ordinary vitlens head file (`weight` [C, d'], optional `bias` [C],
 `vitlens.models.weights.read_head_file`) in `.safetensors`, whose metadata also records what
-built it (`HEAD_METADATA_KEYS`): the class names (which the variant then reports), the label
+built it (string values, lists as JSON): the class names (which the variant then reports), the label
 space they index, the templates, the model and the scale. `vitlens heads zeroshot` writes it.
 """
 
@@ -33,10 +33,6 @@ IMAGENET_CLASSES = "imagenet"
 IMAGENET_LABEL_SPACE = "imagenet-1k"
 #: the placeholder of a class name in a template line
 PLACEHOLDER = "{}"
-#: safetensors metadata keys of a zero-shot head file (values are strings; lists as JSON)
-HEAD_METADATA_KEYS: tuple[str, ...] = (
-    "vitlens_head", "class_names", "label_space", "templates", "model", "logit_scale", "logit_bias",
-)
 
 
 def _resource_lines(name: str) -> list[str]:
@@ -201,7 +197,7 @@ def write_zeroshot_head(
     path: str | Path, weight: torch.Tensor, bias: torch.Tensor | None, classes: ClassList,
     templates: Sequence[str], model: str, logit_scale: float, logit_bias: float | None,
 ) -> Path:
-    """Write a zero-shot head file (`.safetensors`, metadata as `HEAD_METADATA_KEYS`).
+    """Write a zero-shot head file (`.safetensors`, its metadata as the module notes say).
 
     # weight: [C, d'], bias: [C] | None
     """
