@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_PINS)
-	$(VENV)/bin/python -m pip install -q -e '.[test,clip,hf]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,clip,hf,s3]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -47,6 +47,7 @@ from vitlens.lens.output import LensBatch
 from vitlens.store.layout import StagedParquetWriter
 from vitlens.store.records import tokens_table
 from vitlens.store.schema import schema_of
+from vitlens.store.storage import open_storage
 
 DEVICE_IMG_PER_S = {"B/32": 10113 / 1.5, "B/16": 2787 / 1.5}
 SHAPES = {"B/32": 7, "B/16": 14}  # token grid side at 224 px
@@ -138,7 +139,8 @@ def main() -> None:
 
             def write(tier: str, tables: dict[str, pa.Table]) -> None:
                 for name, table in tables.items():
-                    writer = StagedParquetWriter(Path(tmp) / "out" / tier / f"{name}.parquet", schema_of(name))
+                    writer = StagedParquetWriter(open_storage(Path(tmp) / "out"), f"{tier}/{name}.parquet",
+                                                 schema_of(name))
                     for _ in range(appends):
                         writer.write(table)
                     writer.commit()

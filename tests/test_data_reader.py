@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from vitlens.data.geometry import EvalGeometry
+from vitlens.data.loader import shard_batches
 from vitlens.data.reader import ShardReadError, iter_shard_batches
 from vitlens.data.sample_format import EncodedSample, SampleMeta, encode_mask, encode_png
 from vitlens.data.shard_writer import ShardWriter
@@ -67,13 +69,14 @@ def test_bad_samples_are_reported_and_skipped(tmp_path: Path) -> None:
     bad_meta[2] = (bad_meta[2][0], b"{not json")
     _append_raw(path, broken_image + no_meta + bad_meta + good[2].members())
 
-    rejects: list[tuple[str, str, str]] = []
+    rejects: list[tuple[str, str, str, str]] = []
     batches = list(iter_shard_batches(str(path), GEOMETRY, 2, 8, 1, on_reject=lambda *r: rejects.append(r)))
     assert [b.keys for b in batches] == [["sample000", "sample001"], ["sample002"]]
-    assert [(shard, key) for shard, key, _ in rejects] == [
-        (str(path), "sample003"), (str(path), "sample004"), (str(path), "sample005"), (str(path), "sample006"),
+    assert [(shard, key, stage) for shard, key, _, stage in rejects] == [
+        (str(path), "sample003", "decode"), (str(path), "sample004", "decode"), (str(path), "sample005", "decode"),
+        (str(path), "sample006", "decode"),
     ]
-    reasons = [reason for _, _, reason in rejects]
+    reasons = [reason for _, _, reason, _ in rejects]
     assert "mask is 16x16 but image is 32x32" in reasons[0]
     assert "UnidentifiedImageError" in reasons[1]
     assert "meta.json" in reasons[2]
@@ -82,6 +85,44 @@ def test_bad_samples_are_reported_and_skipped(tmp_path: Path) -> None:
     expected = [3] + [1, 1, 0, 0] * 4
     assert batches[0].token_label[0].tolist() == expected
     assert batches[0].class_index.tolist() == [0, 1]
+
+
+def _relabelled(i: int, class_index: object) -> list[tuple[str, bytes]]:
+    """The members of sample i with its meta.json `class_index` replaced (any JSON value)."""
+    members = _sample(i).members()
+    meta = json.loads(members[2][1])
+    meta["class_index"] = class_index
+    members[2] = (members[2][0], json.dumps(meta).encode())
+    return members
+
+
+def test_a_label_outside_the_model_classes_is_a_sample_reject(tmp_path: Path) -> None:
+    """One hostile label costs its own sample only: the reader and the DataLoader workers
+    batch the good samples and report one `label` reject per bad label, naming the key, the
+    value and the model's class count."""
+    path = _write_shard(tmp_path, [_sample(i) for i in range(2)])
+    _append_raw(path, _relabelled(10, 999999) + _sample(2).members() + _relabelled(11, -1)
+                + _relabelled(12, "7") + _relabelled(13, True) + _sample(3).members())
+    good = [["sample000", "sample001"], ["sample002", "sample003"]]
+    bad = [("sample010", "999999"), ("sample011", "-1"), ("sample012", "'7'"), ("sample013", "True")]
+    found: list[list[tuple[str, str, str, str]]] = []
+    for read in (lambda on_reject: iter_shard_batches(str(path), GEOMETRY, 2, 8, 1, on_reject, num_classes=20),
+                 lambda on_reject: shard_batches(str(path), GEOMETRY, 2, 8, 1, on_reject, num_classes=20, workers=2)):
+        rejects: list[tuple[str, str, str, str]] = []
+        batches = list(read(lambda *r: rejects.append(r)))
+        assert [b.keys for b in batches] == good
+        assert [b.class_index.tolist() for b in batches] == [[0, 1], [2, 0]]
+        assert [(key, stage) for _, key, _, stage in rejects] == [(key, "label") for key, _ in bad]
+        for (_, key, reason, _), (bad_key, value) in zip(rejects, bad):
+            assert f"sample {bad_key!r}: class_index {value} " in reason and "20 classes" in reason, reason
+            assert "\n" not in reason
+        found.append(rejects)
+    assert found[0] == found[1]
+    # without the class count only what is no label in any model is rejected
+    rejects = []
+    batches = list(iter_shard_batches(str(path), GEOMETRY, 8, 8, 1, lambda *r: rejects.append(r)))
+    assert batches[0].keys == ["sample000", "sample001", "sample010", "sample002", "sample003"]
+    assert [r[1] for r in rejects] == ["sample011", "sample012", "sample013"]
 
 
 def test_default_reject_handler_warns(tmp_path: Path) -> None:
@@ -95,7 +136,7 @@ def test_truncated_shard_keeps_what_was_read(tmp_path: Path) -> None:
     path = _write_shard(tmp_path, [_sample(i) for i in range(6)])
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
-    rejects: list[tuple[str, str, str]] = []
+    rejects: list[tuple[str, str, str, str]] = []
     keys: list[str] = []
     with pytest.raises(ShardReadError) as raised:
         for batch in iter_shard_batches(str(path), GEOMETRY, 1, 8, 0, on_reject=lambda *r: rejects.append(r)):

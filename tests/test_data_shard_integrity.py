@@ -65,10 +65,10 @@ def _shard(tmp_path: Path, n: int, name: str = "shard.tar") -> tuple[Path, list[
     return path, members
 
 
-def _read(url: str, **checks) -> tuple[list[str], list[tuple[str, str, str]], ShardReadError | None]:
+def _read(url: str, **checks) -> tuple[list[str], list[tuple[str, str, str, str]], ShardReadError | None]:
     """Keys of every batch yielded, rejects reported, and the ShardReadError raised (or None)."""
     keys: list[str] = []
-    rejects: list[tuple[str, str, str]] = []
+    rejects: list[tuple[str, str, str, str]] = []
     try:
         for batch in iter_shard_batches(url, GEOMETRY, 2, 8, 1, on_reject=lambda *r: rejects.append(r), **checks):
             keys.extend(batch.keys)
@@ -166,7 +166,7 @@ def test_decode_rejected_samples_count_as_present(tmp_path: Path) -> None:
     path.write_bytes(_tar_bytes(_members(0) + broken + _members(2)))
     keys, rejects, error = _read(str(path), expected_samples=3)
     assert keys == ["sample000", "sample002"]
-    assert [key for _, key, _ in rejects] == ["sample001"]
+    assert [key for _, key, _, _ in rejects] == ["sample001"]
     assert error is None
 
 

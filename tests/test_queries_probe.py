@@ -78,7 +78,7 @@ def run_rows() -> list[dict]:
             "finished_at": datetime(2024, 1, 1, 13, n, tzinfo=timezone.utc), "wall_seconds": 60.0 + n,
             "device": "cpu", "actors": 1, "shards_total": 2, "shards_done": 2, "shards_skipped": 0,
             "shards_failed": 0, "rows_written": 100, "analysis_seconds": 30.0,
-            "experiment_seconds": None if seconds is None else json.dumps(seconds),
+            "experiment_seconds": None if seconds is None else json.dumps(seconds), "samples_rejected": None,
         })
     return rows
 

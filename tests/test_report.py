@@ -264,7 +264,7 @@ def test_extra_sections_are_placed_and_their_files_returned(tmp_path: Path):
         return RawSection("Extra two", "<p>extra-two-body</p>", "extra-two-body", "extra2")
 
     files = build_report(results, out, progress=False, extra_sections=[after_fig2, at_end, lambda context: None])
-    assert seen[0].results_dir == results and seen[0].out_dir == out
+    assert seen[0].results_dir == str(results) and seen[0].out_dir == out
     assert files.extras == (out / "extra" / "a.txt",)
     page = (out / "index.html").read_text()
     assert page.index("<h2 id='fig2_identifiability_by_block'>") < page.index("<h2 id='extra1'>") \

@@ -134,7 +134,7 @@ def _runs_columns(manifest: Path) -> dict[str, object]:
     return {"run_id": ["r1"], "job_name": ["gallery"], "job_spec": [json.dumps(spec)], "versions": ["{}"],
             "started_at": [now], "status": ["done"], "finished_at": [now], "wall_seconds": [1.0], "device": ["cpu"],
             "actors": [1], "shards_total": [1], "shards_done": [1], "shards_skipped": [0], "shards_failed": [0],
-            "rows_written": [1], "analysis_seconds": [1.0], "experiment_seconds": ["{}"]}
+            "rows_written": [1], "analysis_seconds": [1.0], "experiment_seconds": ["{}"], "samples_rejected": ["{}"]}
 
 
 @pytest.fixture()

@@ -39,6 +39,7 @@ REJECTS = [  # (variant, shard, image_key, stage, reason)
     ("toy@random", "toy-000000", "img8", "decode", "mask.png: size 10x10 differs from the image's 12x12"),
 ]
 SECONDS = {"baseline": 12.5, "explain": 30.25, "probe": 4.0, "probe_fit": 8.0}
+SAMPLES_REJECTED = {"decode": {"toy": 1, "toy@random": 2}, "label": {"toy": 3}}  # schema v6
 
 
 def _job(manifest: Path) -> JobSpec:
@@ -57,7 +58,7 @@ def _run_row(run_id: str, job: JobSpec, minute: int, **overrides) -> dict:
         "finished_at": datetime(2024, 5, 1, 10, minute, tzinfo=timezone.utc), "wall_seconds": 3600.5,
         "device": "cuda", "actors": 2, "shards_total": 4, "shards_done": 3, "shards_skipped": 0,
         "shards_failed": 1, "rows_written": 12345, "analysis_seconds": 3000.0,
-        "experiment_seconds": json.dumps(SECONDS),
+        "experiment_seconds": json.dumps(SECONDS), "samples_rejected": json.dumps(SAMPLES_REJECTED),
     }
     row.update(overrides)
     return row
@@ -79,7 +80,7 @@ def write_provenance_results(root: Path) -> tuple[Path, Path]:
     # a run of schema v4: no experiment_seconds column at all, and no status (before v3)
     old = _run_row("20240401T080000-bbbbbbbb", job, 0, status=None, finished_at=None,
                    started_at=datetime(2024, 4, 1, 8, 0, tzinfo=timezone.utc))
-    old_table = to_table("runs", {k: [v] for k, v in old.items()}).drop_columns(["experiment_seconds"])
+    old_table = to_table("runs", {k: [v] for k, v in old.items()}).drop_columns(["experiment_seconds", "samples_rejected"])
     path = table_file(results, "runs", "all", "none", old["run_id"])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(old_table, path)
@@ -102,7 +103,8 @@ def test_runs_are_read_oldest_first_with_their_json(provenance_set: tuple[Path, 
     old, new = read_runs(open_results(results))
     assert (old.run_id, new.run_id) == ("20240401T080000-bbbbbbbb", "20240501T090100-aaaaaaaa")
     assert old.status is None and old.experiment_seconds is None and old.finished_at is None
-    assert new.status == "partial" and new.experiment_seconds == SECONDS
+    assert new.status == "partial" and new.experiment_seconds == SECONDS and new.samples_rejected == SAMPLES_REJECTED
+    assert old.samples_rejected is None
     assert (new.job_name, new.wall_seconds, new.device, new.actors) == ("paper-b32", 3600.5, "cuda", 2)
     assert (new.shards_total, new.shards_done, new.shards_skipped, new.shards_failed, new.rows_written) == (4, 3, 0, 1, 12345)
     assert new.variants == VARIANTS and new.experiments == ("baseline", "explain", "probe")
@@ -129,7 +131,9 @@ def test_run_fields_show_the_spec_essentials(provenance_set: tuple[Path, Path]):
     assert fields["device × actors"] == "cuda × 2" and fields["wall seconds"] == "3600.5"
     assert fields["versions"] == "schema 5, timm 1.0.9, torch 2.4.0, vitlens 0.5.0"
     old_fields = run_fields(old)
+    assert fields["samples rejected"] == "decode 3 over 2 variants; label 3"
     assert old_fields["seconds per experiment"] == "not recorded (run before schema v5)"
+    assert old_fields["samples rejected"] == "not recorded (run before schema v6)"
     assert old_fields["status"].startswith("unknown") and old_fields["finished"] == "not finished"
 
 

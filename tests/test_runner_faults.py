@@ -1,6 +1,6 @@
 """Faults in one job lose and duplicate nothing: an actor killed mid-shard, the driver killed
 mid-job and a damaged shard, then the repair; the final `images` and `tokens` equal a
-clean run's. Damaged or mismatching shards are never marked done (exit 3, redone next run),
+clean run's, file for file and byte for byte. Damaged or mismatching shards are never marked done (exit 3, redone next run),
 and every run leaves one `runs` row."""
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ def test_actor_kill_driver_kill_and_damaged_shard_end_equal_to_a_clean_run(tmp_p
     assert final.returncode == 0, final.stdout + final.stderr
     assert "1 shard×variant done, 3 skipped" in final.stdout
     assert contents(results) == reference
+    clean_files = sorted(f for t in ("images", "tokens") for f in (tmp_path / "clean" / "results").glob(f"table={t}/**/*.parquet"))
+    final_files = sorted(f for t in ("images", "tokens") for f in results.glob(f"table={t}/**/*.parquet"))
+    assert [f.relative_to(tmp_path / "clean") for f in clean_files] == [f.relative_to(tmp_path / "faulty") for f in final_files]
+    for a, b in zip(clean_files, final_files):
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs byte-wise from the clean run's"
     assert rejects(results) == []
     assert statuses(results) == ["killed", "partial", "done"]
 

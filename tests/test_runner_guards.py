@@ -17,7 +17,7 @@ import pytest
 
 from vitlens.cli import main as cli_main
 from vitlens.errors import UserError
-from vitlens.runner.bookkeeping import JobReport, mark_run_killed, run_file, write_run_record
+from vitlens.runner.bookkeeping import JobReport, mark_run_killed, run_key, write_run_record
 from vitlens.runner.spec import load_job_spec
 from vitlens.store.lock import LOCK_NAME, OutputLock, read_lock
 
@@ -140,7 +140,7 @@ def test_a_stale_lock_is_taken_over_and_its_run_marked_killed(tmp_path: Path, sh
         assert lock.taken_over is not None and lock.taken_over.pid == dead
         assert read_lock(tmp_path / "results").run_id == "R3"
     assert mark_run_killed(job.output, report.run_id)
-    row = pq.read_table(run_file(job.output, report.run_id)).to_pylist()[0]
+    row = pq.read_table(Path(job.output) / run_key(report.run_id)).to_pylist()[0]
     assert (row["status"], row["finished_at"], row["shards_total"]) == ("killed", None, 2)
     assert not mark_run_killed(job.output, report.run_id)  # only a running row is rewritten
 

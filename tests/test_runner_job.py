@@ -1,5 +1,6 @@
-"""The distributed job end to end on a local Ray cluster: exact row counts, resume after a
-killed driver, an actor killed mid-shard, and a shard with corrupt samples.
+"""The distributed job end to end on a local Ray cluster: exact row counts, an actor killed
+mid-shard, a shard with corrupt samples or hostile labels (a killed driver and its resume:
+`tests/test_runner_faults.py`).
 
 Uses the smallest embedded zoo model (16 image tokens at 64 px) so each run is seconds.
 """
@@ -7,22 +8,20 @@ Uses the smallest embedded zoo model (16 image tokens at 64 px) so each run is s
 from __future__ import annotations
 
 import io
+import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import duckdb
-import pyarrow.parquet as pq
 import pytest
 import ray
 
 from vitlens.cli import main as cli_main
 from vitlens.data.token_labels import LABEL_CLASS
-from vitlens.runner.actors import INJECT_DEATH_ENV
+from vitlens.errors import UserError
+from vitlens.report.results import open_results
+from vitlens.runner.actors import INJECT_DEATH_ENV, ShardActor
 from vitlens.runner.driver import run_job
 from vitlens.runner.shard_job import ShardProcessor
 from vitlens.runner.spec import load_job_spec
@@ -125,46 +124,6 @@ def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, sha
     assert not list(Path(faulty.output).rglob("*.tmp"))
 
 
-def _run_cli(job: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitlens", "run", str(job), "--no-progress"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def test_rerun_after_killed_driver_skips_done_and_matches_clean_run(tmp_path: Path, shards: Path) -> None:
-    from vitlens.runner.actors import INJECT_SHARD_DELAY_ENV
-
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # a local cluster of its own, started by the driver
-    clean_job = write_job(tmp_path / "clean", shards, ["baseline"])
-    proc = _run_cli(clean_job, env)
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
-
-    job = write_job(tmp_path / "killed", shards, ["baseline"])
-    proc = _run_cli(job, {**env, INJECT_SHARD_DELAY_ENV: "3"})  # >= 3 s between done-markers
-    done = tmp_path / "killed" / "results" / "_done" / f"variant={VARIANT}"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (done.is_dir() and any(done.iterdir())):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    proc.wait()
-    time.sleep(4)  # an orphaned actor may still finish the shard it had; let it
-    finished_before = len(list(done.iterdir()))
-    assert 1 <= finished_before < 4, "kill the driver mid-job"
-
-    proc = _run_cli(job, env)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
-    assert f"{finished_before} skipped" in output
-    clean_files = sorted((tmp_path / "clean" / "results").glob("table=tokens/**/*.parquet"))
-    resumed_files = sorted((tmp_path / "killed" / "results").glob("table=tokens/**/*.parquet"))
-    assert [f.name for f in clean_files] == [f.name for f in resumed_files]
-    for a, b in zip(clean_files, resumed_files):
-        assert pq.read_table(a).equals(pq.read_table(b)), a.name
-        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs byte-wise"
-
-
 def test_corrupt_samples_are_rejected_and_the_rest_processed(tmp_path: Path, shards: Path) -> None:
     good = sorted(shards.glob("*.tar"))[0]
     bad = tmp_path / "shapes-validation-000099.tar"
@@ -209,3 +168,71 @@ def test_a_shard_that_keeps_failing_is_retried_then_reported(tmp_path: Path, sha
     assert rejects == [("shapes-validation-000002", "analysis")]  # the shard's id, as in `images.shard`
     done = sorted(p.stem for p in (Path(job.output) / "_done" / f"variant={VARIANT}").iterdir())
     assert done == ["shapes-validation-000000", "shapes-validation-000001", "shapes-validation-000003"]
+
+
+def _hostile_shard(good: Path, path: Path, labels: dict[int, object]) -> list[str]:
+    """A copy of `good` whose n-th sample's meta.json `class_index` is labels[n]; returns the keys, in order."""
+    keys: list[str] = []
+    with tarfile.open(good) as src, tarfile.open(path, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            key = member.name.split(".")[0]
+            if key not in keys:
+                keys.append(key)
+            if member.name.endswith("meta.json") and len(keys) - 1 in labels:
+                meta = json.loads(data)
+                meta["class_index"] = labels[len(keys) - 1]
+                data = json.dumps(meta).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return keys
+
+
+def test_a_hostile_label_costs_its_sample_not_the_shard(tmp_path: Path, shards: Path, ray_session, capsys) -> None:
+    """Labels outside the model's 20 classes are one `label` reject each, in one attempt; the
+    rest of the shard is analysed; the summary and `runs` count them; exit 0, and 3 with
+    --fail-on-rejects (also on a re-run that has nothing left to analyse)."""
+    hostile = tmp_path / "data" / "shapes-validation-000000.tar"
+    hostile.parent.mkdir()
+    keys = _hostile_shard(sorted(shards.glob("*.tar"))[0], hostile, {2: 999999, 6: -1})
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "hostile"\noutput = "results"\nvariants = ["{VARIANT}"]\nbatch_size = 4\n'
+                   f'[data]\nshards = ["{hostile}"]\n[resources]\ndevice = "cpu"\nmax_actors = 1\nmax_task_retries = 2\n')
+    assert cli_main(["run", str(job), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "attempt 1 of 3 failed" not in err and "FAILED" not in out, out + err
+    assert "1 shard×variant done, 0 skipped (done before), 0 failed" in out
+    assert "  2 sample(s) rejected and skipped (label 2); the rest of their shards is analysed" in out
+    assert f"vitlens query --results {tmp_path / 'results'} --shell" in out
+    con = open_results(tmp_path / "results")
+    images = [k for (k,) in con.execute("SELECT image_key FROM images ORDER BY image_key").fetchall()]
+    assert images == sorted(k for i, k in enumerate(keys) if i not in (2, 6))
+    rejects = con.execute("SELECT image_key, stage, reason FROM rejects ORDER BY image_key").fetchall()
+    assert [(k, stage) for k, stage, _ in rejects] == [(keys[2], "label"), (keys[6], "label")]
+    for (key, _, reason), value in zip(rejects, ("999999", "-1")):
+        assert f"sample '{key}': class_index {value} " in reason and "the model has 20 classes" in reason, reason
+    [(recorded,)] = con.execute("SELECT samples_rejected FROM runs").fetchall()
+    assert json.loads(recorded) == {"label": {VARIANT: 2}}
+
+    assert cli_main(["run", str(job), "--no-progress", "--fail-on-rejects"]) == 3
+    out = capsys.readouterr().out
+    assert "0 shard×variant done, 1 skipped (done before), 0 failed" in out
+    assert "--fail-on-rejects: the results hold 2 rejected sample(s) (label 2): exit 3" in out
+
+
+def test_a_user_error_comes_back_as_a_failure_without_retry(tmp_path: Path, shards: Path, monkeypatch) -> None:
+    """A UserError is deterministic (the data or the job): the driver must not retry it; any
+    other error may be transient and is retried."""
+    import torch
+
+    job = load_job_spec(write_job(tmp_path, shards, ["baseline"]))
+    actor = ShardActor(VARIANT, job, "cpu", torch.get_num_threads())
+    for error, retry in ((UserError("analysed shard x holds 1 image(s) of the [probe] training shards"), False),
+                         (RuntimeError("CUDA error: an illegal memory access"), True)):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(actor.processor, "process", fail)
+        result = actor.process("x.tar", "x")
+        assert result == {"failed": True, "stage": "analysis", "reason": result["reason"], "retry": retry}
+    assert result["reason"] == "RuntimeError: CUDA error: an illegal memory access"

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vitlens.cli.demo",
     "vitlens.cli.query",
     "vitlens.cli.report",
+    "vitlens.cli.verify",
     "vitlens.cli.show",
     "vitlens.cli.explain",
 )

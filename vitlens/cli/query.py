@@ -39,7 +39,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         ),
     )
     parser.add_argument("query", nargs="?", help="query name or path of a .sql file")
-    parser.add_argument("--results", type=Path, required=False, help="the results folder a job wrote")
+    parser.add_argument("--results", required=False, help="the results a job wrote: a folder or an object-store URL (s3://bucket/prefix)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write to this file instead of stdout (required for --format parquet)")

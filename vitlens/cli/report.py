@@ -21,7 +21,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
             "OUT/report.md, OUT/tables/ and OUT/figures/ (the page links the figures by relative path)."
         ),
     )
-    parser.add_argument("--results", type=Path, required=True, help="the results folder a job wrote")
+    parser.add_argument("--results", required=True, help="the results a job wrote: a folder or an object-store URL (s3://bucket/prefix)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     gallery = parser.add_argument_group(

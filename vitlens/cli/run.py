@@ -15,7 +15,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description=(
             "Run every (variant, shard) of a job spec with one Ray actor per variant and device, "
             "writing partitioned Parquet. Shards already done are skipped, so re-running after a "
-            "crash only does what is missing. Exit codes: 0 done, 2 bad input (nothing was run), 3 some shards failed (the rest is written)."
+            "crash only does what is missing. A sample that does not decode, or whose class_index is no class "
+            "of the model, is skipped and recorded in the rejects table (stage decode or label); the summary "
+            "counts them per stage. Exit codes: 0 done (also with rejected samples), 2 bad input (nothing was "
+            "run), 3 some shards failed (the rest is written), or --fail-on-rejects and the results hold "
+            "rejected samples."
         ),
         epilog="examples:\n  vitlens run jobs/demo.toml\n  vitlens run jobs/paper.toml --address auto --output /results/paper",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,19 +31,22 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not check shards' sha256 against the manifest (remote shards, speed)")
+    parser.add_argument("--fail-on-rejects", action="store_true",
+                        help="exit 3 when the results hold samples of the job's variants that were rejected "
+                             "(this run's or an earlier run's), for pipelines that need every sample")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
     from vitlens.runner.driver import run_job
     from vitlens.runner.spec import load_job_spec
+    from vitlens.store.storage import normalise_root
 
     overrides: dict = {}
     if args.output:
-        overrides["output"] = str(Path(args.output).resolve())
+        overrides["output"] = normalise_root(args.output)  # a folder, or an object-store URL as given
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise UserError("--batch-size must be >= 1")
@@ -59,4 +66,40 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  FAILED {failure.variant} {failure.shard} ({failure.stage}): {failure.reason}")
     if report.failures:
         print("  failed shards are not marked done: fix them and run the job again to redo only those")
+    rejected = {stage: sum(per_variant.values()) for stage, per_variant in report.samples_rejected().items()}
+    if rejected:
+        print(f"  {sum(rejected.values())} sample(s) rejected and skipped ({_per_stage(rejected)}"
+              + (", counted per variant" if len(job.variants) > 1 else "") + "); the rest of their shards is analysed")
+        print(f"  {_REJECTS_HINT.format(output=job.output)}")
+    if args.fail_on_rejects:
+        stored = _stored_sample_rejects(job.output, job.variants)
+        if stored:
+            print(f"  --fail-on-rejects: the results hold {sum(stored.values())} rejected sample(s) "
+                  f"({_per_stage(stored)}): exit 3")
+            if not rejected:
+                print(f"  {_REJECTS_HINT.format(output=job.output)}")
+            return 3
     return 3 if report.failures else 0
+
+
+#: Where the rejected samples are listed, one per line with their reason.
+_REJECTS_HINT = ('each with its reason: vitlens query --results {output} --shell, then '
+                 'sql("SELECT * FROM rejects WHERE image_key IS NOT NULL")')
+
+
+def _per_stage(counts: dict[str, int]) -> str:
+    """`decode 5, label 2`."""
+    return ", ".join(f"{stage} {count}" for stage, count in sorted(counts.items()))
+
+
+def _stored_sample_rejects(output: str, variants: tuple[str, ...]) -> dict[str, int]:
+    """Rejected samples of `variants` in the results (every run's), per stage."""
+    from vitlens.report.results import open_results
+
+    try:
+        con = open_results(output)
+    except UserError:  # no table written yet
+        return {}
+    rows = con.execute("SELECT stage, count(*) FROM rejects WHERE image_key IS NOT NULL "
+                       "AND list_contains(?, variant) GROUP BY stage", [list(variants)]).fetchall()
+    return {stage: int(count) for stage, count in rows}

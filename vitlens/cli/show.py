@@ -22,7 +22,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         ),
     )
     parser.add_argument("image_key", metavar="IMAGE_KEY", help="the sample's key (images.image_key)")
-    parser.add_argument("--results", type=Path, required=True, help="the results folder a job wrote")
+    parser.add_argument("--results", required=True, help="the results a job wrote: a folder or an object-store URL (s3://bucket/prefix)")
     parser.add_argument("--variant", required=True, help="the variant (as in the job spec)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default ./show-IMAGE_KEY/)")
     parser.set_defaults(func=_show)

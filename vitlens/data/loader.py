@@ -7,8 +7,8 @@ batches, samples and rejects in the same order as `iter_shard_batches`, for any 
 workers:
 
 - every worker streams the whole tar (reading bytes is cheap; decoding is not) and decodes
-  the samples `i` with `i % workers == worker_id`; a sample it cannot decode becomes a
-  reject item in its place, so the DataLoader's round-robin over workers (one item per
+  the samples `i` with `i % workers == worker_id`; a sample it cannot decode (or whose
+  `class_index` is no label below `num_classes`) becomes a reject item in its place, so the DataLoader's round-robin over workers (one item per
   request, `batch_size=None`) returns the samples in tar order;
 - each worker ends with one end-of-stream item saying how its read ended (worker 0 also
   checks the manifest's sha256: the shard's bytes are hashed once); a damaged, miscounted
@@ -39,6 +39,7 @@ from vitlens.data.reader import (
     _Decoded,
     _warn_reject,
     iter_shard_samples,
+    reject_stage,
 )
 from vitlens.errors import UserError, one_line_reason
 
@@ -51,6 +52,7 @@ _DECODE_ERRORS = (ValueError, OSError, KeyError, TypeError, Image.DecompressionB
 class _Rejected:
     key: str
     reason: str
+    stage: str  # vitlens.data.reader.REJECT_STAGES
 
 
 @dataclass
@@ -71,6 +73,7 @@ class _ShardSamples(IterableDataset):
         num_prefix_tokens: int,
         expected_samples: int | None,
         expected_sha256: str | None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.url = url
@@ -79,6 +82,7 @@ class _ShardSamples(IterableDataset):
         self.num_prefix_tokens = num_prefix_tokens
         self.expected_samples = expected_samples
         self.expected_sha256 = expected_sha256
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator[_Decoded | _Rejected | _StreamEnd]:
         info = get_worker_info()
@@ -89,9 +93,10 @@ class _ShardSamples(IterableDataset):
                 if index % workers != worker:
                     continue
                 try:
-                    yield _decode_sample(key, members, self.geometry, self.patch_size, self.num_prefix_tokens)
+                    yield _decode_sample(key, members, self.geometry, self.patch_size, self.num_prefix_tokens,
+                                         self.num_classes)
                 except _DECODE_ERRORS as err:
-                    yield _Rejected(key, one_line_reason(err))
+                    yield _Rejected(key, one_line_reason(err), reject_stage(err))
         except ShardReadError as err:
             yield _StreamEnd(worker, err.reason)
             return
@@ -123,19 +128,23 @@ def shard_batches(
     workers: int = 0,
     pin_memory: bool = False,
     prefetch_batches: int = 2,
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """Stream one shard as batches of at most `batch_size` samples, decoded by `workers`
     DataLoader processes (0: in this process). Same batches, rejects and `ShardReadError`
     as `vitlens.data.reader.iter_shard_batches`.
 
-    `prefetch_batches` batches per worker are decoded ahead of the consumer.
+    `prefetch_batches` batches per worker are decoded ahead of the consumer. `num_classes`
+    is the model's class count: a sample whose `class_index` is not in [0, num_classes) is
+    a reject of stage `label` (`on_reject(url, key, reason, stage)`), not a batch error.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     reject = on_reject or _warn_reject
-    dataset = _ShardSamples(url, geometry, patch_size, num_prefix_tokens, expected_samples, expected_sha256)
+    dataset = _ShardSamples(url, geometry, patch_size, num_prefix_tokens, expected_samples, expected_sha256,
+                            num_classes)
     if workers == 0:
         items: Iterator = iter(dataset)
     else:
@@ -153,7 +162,7 @@ def shard_batches(
                 failure = item.failure
             continue
         if isinstance(item, _Rejected):
-            reject(url, item.key, item.reason)
+            reject(url, item.key, item.reason, item.stage)
             continue
         pending.append(item)
         if len(pending) == batch_size:

@@ -7,7 +7,10 @@
  "rejects": [{"path": str, "reason": str}, ...],
  "created_by": {"command": str, "vitlens": str, "options": {...}}}
 ```
-The manifest lies in the same directory as its shards; shard names are relative to it.
+The manifest lies in the same directory as its shards; shard names are relative to it. A
+manifest may be a local file or an object-store URL (`s3://bucket/shards/manifest.json`,
+or the prefix `s3://bucket/shards`; see `vitlens.data.urls`): its shards are then URLs
+beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitlens.data import urls
 from vitlens.errors import UserError
 
 MANIFEST_NAME: str = "manifest.json"
@@ -105,13 +109,29 @@ def _manifest_path(manifest_or_dir: str | Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def _manifest_location(manifest_or_dir: str | Path) -> str:
+    """The manifest file's path, or its URL on an object store (a URL not ending in `.json`
+    is the prefix holding `manifest.json`)."""
+    text = str(manifest_or_dir)
+    if urls.is_object_url(text):
+        return text if text.endswith(".json") else urls.join(text, MANIFEST_NAME)
+    return str(_manifest_path(manifest_or_dir))
+
+
 def read_manifest(manifest_or_dir: str | Path) -> dict[str, Any]:
-    """Read and check a manifest (the file, or the directory holding `manifest.json`)."""
-    path = _manifest_path(manifest_or_dir)
-    if not path.is_file():
-        raise UserError(f"no shard manifest at {path}")
+    """Read and check a manifest (the file, or the directory holding `manifest.json`; either
+    may be an object-store URL)."""
+    path = _manifest_location(manifest_or_dir)
     try:
-        manifest = json.loads(path.read_text())
+        if urls.is_object_url(path):
+            text = urls.read_bytes(path).decode()
+        elif not Path(path).is_file():
+            raise UserError(f"no shard manifest at {path}")
+        else:
+            text = Path(path).read_text()
+        manifest = json.loads(text)
+    except FileNotFoundError:
+        raise UserError(f"no shard manifest at {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"unreadable shard manifest {path}: {err}") from err
     if not isinstance(manifest, dict):
@@ -131,12 +151,13 @@ def shard_entries(manifest_or_dir: str | Path) -> list[ShardEntry]:
     """The shards of a manifest (the file, or its directory), in manifest order.
 
     Each entry's `url` is the shard's absolute path (the manifest's directory joined with
-    the shard's `name`, resolved); `samples` and `sha256` are None where the manifest
+    the shard's `name`, resolved), or its URL beside an object-store manifest; `samples` and `sha256` are None where the manifest
     lacks them. A shard record without a string `name`, or with a `samples` that is not an
     integer, or a `sha256` that is not a string, raises UserError naming the manifest.
     """
-    path = _manifest_path(manifest_or_dir)
+    path = _manifest_location(manifest_or_dir)
     manifest = read_manifest(path)
+    remote = urls.is_object_url(path)
     entries = []
     for index, shard in enumerate(manifest["shards"]):
         name = shard.get("name") if isinstance(shard, dict) else None
@@ -151,7 +172,7 @@ def shard_entries(manifest_or_dir: str | Path) -> list[ShardEntry]:
                 f"shard manifest {path}: shards[{index}] must be "
                 '{"name": str, "samples": int, "sha256": str}'
             )
-        url = str((path.parent / name).resolve())
+        url = urls.join(urls.parent(path), name) if remote else str((Path(path).parent / name).resolve())
         entries.append(ShardEntry(name=name, samples=samples, sha256=sha256, url=url))
     return entries
 
@@ -163,12 +184,27 @@ def shard_urls(manifest_or_dir: str | Path) -> list[str]:
 
 def verify_shards(manifest_or_dir: str | Path) -> list[str]:
     """Check every shard of a manifest exists with its recorded sha256; returns the problems."""
-    path = _manifest_path(manifest_or_dir)
     problems = []
-    for shard in read_manifest(path)["shards"]:
-        shard_path = path.parent / shard["name"]
-        if not shard_path.is_file():
-            problems.append(f"{shard_path}: missing")
-        elif file_sha256(shard_path) != shard["sha256"]:
-            problems.append(f"{shard_path}: sha256 differs from the manifest")
+    for entry in shard_entries(manifest_or_dir):
+        url = str(entry.url)
+        try:
+            digest = _url_sha256(url)
+        except FileNotFoundError:
+            problems.append(f"{url}: missing")
+            continue
+        if digest != entry.sha256:
+            problems.append(f"{url}: sha256 differs from the manifest")
     return problems
+
+
+def _url_sha256(url: str) -> str:
+    """Hex sha256 of a local file or an object; FileNotFoundError when there is none."""
+    if not urls.is_object_url(url):
+        if not Path(url).is_file():
+            raise FileNotFoundError(url)
+        return file_sha256(Path(url))
+    digest = hashlib.sha256()
+    with urls.open_binary(url) as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

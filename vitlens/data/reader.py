@@ -1,11 +1,15 @@
 """Stream decoded, model-transformed batches with metadata and token labels from shards.
 
-One shard is read as a tar stream (`webdataset.gopen`, so any URL webdataset accepts:
-local paths, `file:`, `http(s)://`, `pipe:`), one sample at a time; a batch never spans
+One shard is read as a tar stream (`vitlens.data.urls.open_binary`: local paths, `file:`,
+object stores such as `s3://` through fsspec, and any other URL webdataset accepts:
+`http(s)://`, `pipe:`), one sample at a time; a batch never spans
 two shards. There is no hidden splitting by node or worker and no shuffling: the caller
 passes the exact list of shards it wants (`iter_batches`) or one shard
 (`iter_shard_batches`). A sample that cannot be decoded is reported through
-`on_reject(shard, key, reason)` and skipped.
+`on_reject(shard, key, reason, stage)` and skipped: stage `decode` (missing members,
+broken JSON, an image or mask that does not decode, a mask of another size) or `label`
+(its meta.json `class_index` is no integer, is negative, or — given the model's
+`num_classes` — is not below it: one bad label costs its own sample, never the batch).
 
 A damaged shard is not a reject: after yielding every sample (batch) it could read, the
 reader raises `ShardReadError` when the tar breaks off (no end-of-archive marker, a
@@ -25,9 +29,9 @@ from typing import IO, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset
 from PIL import Image
 
+from vitlens.data import urls
 from vitlens.data.geometry import EvalGeometry
 from vitlens.data.manifest import read_manifest, shard_urls
 from vitlens.data.sample_format import (
@@ -42,10 +46,16 @@ from vitlens.data.sample_format import (
 from vitlens.data.token_labels import token_labels
 from vitlens.errors import UserError, one_line_reason
 
-__all__ = ["Batch", "RejectCallback", "ShardReadError", "iter_batches", "iter_shard_batches",
-           "iter_shard_samples", "read_manifest", "shard_urls"]
+__all__ = ["Batch", "LabelError", "REJECT_DECODE", "REJECT_LABEL", "REJECT_STAGES", "RejectCallback",
+           "ShardReadError", "check_class_index", "iter_batches", "iter_shard_batches", "iter_shard_samples",
+           "read_manifest", "reject_stage", "shard_urls"]
 
-RejectCallback = Callable[[str, str, str], None]  # (shard, key, reason)
+RejectCallback = Callable[[str, str, str, str], None]  # (shard, key, reason, stage)
+
+#: The stages of a sample reject (`rejects.stage` of a row with an image key).
+REJECT_DECODE: str = "decode"
+REJECT_LABEL: str = "label"
+REJECT_STAGES: tuple[str, ...] = (REJECT_DECODE, REJECT_LABEL)
 
 _DRAIN_CHUNK: int = 1 << 20
 # Errors that mean the tar stream itself is damaged (not one sample's content).
@@ -90,8 +100,29 @@ class _Decoded:
     meta: dict[str, Any]
 
 
-def _warn_reject(shard: str, key: str, reason: str) -> None:
-    warnings.warn(f"skipped sample {key!r} of shard {shard}: {reason}", stacklevel=3)
+class LabelError(ValueError):
+    """A sample whose meta.json `class_index` is no label of the model (reject stage `label`)."""
+
+
+def check_class_index(key: str, value: Any, num_classes: int | None) -> int:
+    """`value` (a sample's meta.json `class_index`) as a label in [0, num_classes); raises
+    `LabelError` naming the sample, the value and the class count. Without `num_classes`
+    only the type and the sign are checked."""
+    classes = "" if num_classes is None else f" (the model has {num_classes} classes: 0..{num_classes - 1})"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LabelError(f"sample {key!r}: class_index {value!r} is not an integer{classes}")
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        raise LabelError(f"sample {key!r}: class_index {value} is outside the model's label space{classes}")
+    return value
+
+
+def reject_stage(error: BaseException) -> str:
+    """The reject stage of an error that skipped a sample: `label` or `decode`."""
+    return REJECT_LABEL if isinstance(error, LabelError) else REJECT_DECODE
+
+
+def _warn_reject(shard: str, key: str, reason: str, stage: str) -> None:
+    warnings.warn(f"skipped sample {key!r} of shard {shard} ({stage}): {reason}", stacklevel=3)
 
 
 class _HashingReader:
@@ -198,8 +229,10 @@ def iter_shard_samples(
     drained into the hash) differs from `expected_sha256`. The file is read once.
     """
     try:
-        raw = webdataset.gopen(url, "rb")
-    except Exception as err:  # gopen raises various types for missing files / bad URLs
+        raw = urls.open_binary(url)
+    except UserError:
+        raise
+    except Exception as err:  # gopen / fsspec raise various types for missing files / bad URLs
         raise UserError(f"cannot open shard {url}: {err}") from err
     stream = _HashingReader(raw)
     end = _EndOfArchive()
@@ -251,13 +284,17 @@ def _decode_sample(
     geometry: EvalGeometry,
     patch_size: int | tuple[int, int],
     num_prefix_tokens: int,
+    num_classes: int | None = None,
 ) -> _Decoded:
-    """Decode and transform one raw sample; raises ValueError/OSError with the reason."""
+    """Decode and transform one raw sample; raises ValueError/OSError with the reason
+    (`LabelError` for a `class_index` outside [0, num_classes), checked before the image
+    is decoded)."""
     image_member = next((name for name in IMAGE_MEMBERS if name in members), None)
     missing = [name for name in (MASK_MEMBER, META_MEMBER) if name not in members]
     if image_member is None or missing:
         raise ValueError(f"missing member(s) {', '.join(missing or ['image'])}")
     meta = decode_meta(members[META_MEMBER])
+    check_class_index(key, meta["class_index"], num_classes)
     image = decode_image(members[image_member])
     mask = decode_mask(members[MASK_MEMBER])
     if mask.shape != (image.height, image.width):
@@ -272,7 +309,7 @@ def _decode_sample(
 
 def _collate(samples: list[_Decoded], shard: str) -> Batch:
     """Stack in numpy (torch.stack of small tensors contends for torch's thread pool)."""
-    class_index = np.array([int(s.meta["class_index"]) for s in samples], dtype=np.int64)
+    class_index = np.array([s.meta["class_index"] for s in samples], dtype=np.int64)  # checked ints
     return Batch(
         images=torch.from_numpy(np.stack([s.image for s in samples])),
         class_index=torch.from_numpy(class_index),
@@ -293,11 +330,15 @@ def iter_shard_batches(
     on_reject: RejectCallback | None = None,
     expected_samples: int | None = None,
     expected_sha256: str | None = None,
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """Stream one shard as batches of at most `batch_size` samples (the last may be smaller).
 
-    Undecodable samples call `on_reject(url, key, reason)` (default: a warning; `reason`
-    is one deterministic line) and are skipped; they still count as samples of the shard.
+    Undecodable samples call `on_reject(url, key, reason, stage)` (default: a warning;
+    `reason` is one deterministic line; `stage` is `decode`, or `label` for a `class_index`
+    that is no integer in [0, num_classes)) and are skipped; they still count as samples
+    of the shard. `num_classes` is the model's class count (None: labels are only checked
+    to be integers >= 0).
     After yielding every batch it could read, raises `ShardReadError` when the tar breaks
     off (truncated, random or zero bytes), holds another number of samples than
     `expected_samples`, or its bytes' sha256 differs from `expected_sha256` (see
@@ -318,9 +359,9 @@ def iter_shard_batches(
             failure = err
             break
         try:
-            pending.append(_decode_sample(key, members, geometry, patch_size, num_prefix_tokens))
+            pending.append(_decode_sample(key, members, geometry, patch_size, num_prefix_tokens, num_classes))
         except (ValueError, OSError, KeyError, TypeError, Image.DecompressionBombError) as err:
-            reject(url, key, one_line_reason(err))
+            reject(url, key, one_line_reason(err), reject_stage(err))
             continue
         if len(pending) == batch_size:
             yield _collate(pending, url)
@@ -338,9 +379,10 @@ def iter_batches(
     patch_size: int | tuple[int, int],
     num_prefix_tokens: int,
     on_reject: RejectCallback | None = None,
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """`iter_shard_batches` over an explicit list of shards, in the given order."""
     for url in urls:
         yield from iter_shard_batches(
-            url, geometry, batch_size, patch_size, num_prefix_tokens, on_reject
+            url, geometry, batch_size, patch_size, num_prefix_tokens, on_reject, num_classes=num_classes
         )

@@ -59,11 +59,17 @@ class Lens:
         model, anatomy = self.model, self.anatomy
         class_index = class_index.to(images.device)
         num_classes = anatomy.num_classes
+        if class_index.shape != images.shape[:1]:
+            raise UserError(f"class_index must hold one label per image "
+                            f"(got shape {tuple(class_index.shape)} for {images.shape[0]} images)")
         out_of_range = (class_index < 0) | (class_index >= num_classes)
-        if class_index.shape != images.shape[:1] or bool(out_of_range.any()):
+        if bool(out_of_range.any()):
+            # The shard reader rejects such samples one by one when given the class count
+            # (vitlens.data.reader, stage `label`); this guards every other caller.
+            positions = out_of_range.nonzero().flatten().tolist()
             raise UserError(
-                f"class_index must hold one label in [0, {num_classes}) per image "
-                f"(got shape {tuple(class_index.shape)} for {images.shape[0]} images): "
+                f"{len(positions)} of {images.shape[0]} labels lie outside this model's {num_classes} classes "
+                f"[0, {num_classes}) (image {positions[0]}: {int(class_index[positions[0]])}): "
                 "do the data's labels belong to this model's label space?"
             )
         adapter = self.adapter

@@ -31,7 +31,7 @@ from vitlens.report.figures import FIGURES, draw_figure
 from vitlens.report.html import render_html, render_markdown
 from vitlens.report.provenance import write_provenance
 from vitlens.report.queries import find_query, list_queries, run_query
-from vitlens.report.results import open_results
+from vitlens.report.results import open_results, result_files
 from vitlens.report.sections import (
     RawSection,
     ReportContext,
@@ -159,10 +159,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path, progress: bool = 
     `gallery_section(gallery)` after them.
     """
     out = Path(out_dir)
-    con = open_results(results_dir)
+    files = result_files(results_dir)
+    con = open_results(files)
     names = {q.name for q in list_queries()}
     ordered = [n for n in REPORT_ORDER if n in names] + sorted(names - set(REPORT_ORDER))
-    provenance = write_provenance(con, results_dir, out)
+    provenance = write_provenance(con, files, out)
     sections: list[Section | RawSection] = [provenance]
     tables: list[Path] = list(provenance.files)
     figures: list[Path] = []
@@ -175,13 +176,13 @@ def build_report(results_dir: str | Path, out_dir: str | Path, progress: bool = 
     builders = list(EXTRA_SECTIONS if extra_sections is None else extra_sections)
     if gallery is not None:
         builders.append(gallery_section(gallery))
-    context = ReportContext(con, Path(results_dir), out)
+    context = ReportContext(con, files.storage.root, out)
     for builder in builders:
         extra = builder(context)
         if extra is not None:
             _place(sections, extra)
             extras += list(extra.files)
-    intro = f"Results: {Path(results_dir).resolve()}. {INTRO}"
+    intro = f"Results: {files.storage.root}. {INTRO}"
     html_path, md_path = out / "index.html", out / "report.md"
     html_path.write_text(render_html(REPORT_TITLE, intro, sections), encoding="utf-8")
     md_path.write_text(render_markdown(REPORT_TITLE, intro, sections), encoding="utf-8")

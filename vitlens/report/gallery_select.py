@@ -17,8 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitlens.report.image_source import shard_url_index
-from vitlens.report.results import open_results
-from vitlens.store.layout import table_file
+from vitlens.report.results import open_results, result_files
 
 #: The lens experiment whose `images`/`tokens` rows the gallery draws (the unperturbed model).
 GALLERY_EXPERIMENT = "baseline"
@@ -116,8 +115,8 @@ class _ResultSet:
     """The queries the gallery runs on one result set."""
 
     def __init__(self, results_dir: str | Path) -> None:
-        self.root = Path(results_dir)
-        self.con = open_results(results_dir)
+        self.files = result_files(results_dir)
+        self.con = open_results(self.files)
         specs = [row[0] for row in self.con.execute("SELECT job_spec FROM runs ORDER BY started_at").fetchall()]
         self.shard_urls = shard_url_index(specs)
 
@@ -163,9 +162,9 @@ class _ResultSet:
     def _source(self, table: str, variant: str, experiment: str, shard: str) -> tuple[str, list[str]]:
         """The FROM clause and its parameters for one (table, variant, experiment): the shard's
         own file when it exists (one file read instead of the variant's whole table), else the view."""
-        path = table_file(self.root, table, variant, experiment, shard)
-        if path.is_file():
-            return "read_parquet(?)", [path.as_posix()]
+        key = self.files.shard_file(table, variant, experiment, shard)
+        if key is not None:
+            return "read_parquet(?)", [self.files.storage.url(key)]
         return f"{table} WHERE variant = ? AND experiment = ? AND", [variant, experiment]
 
     def _select(self, columns: str, table: str, variant: str, experiment: str, shard: str, where: str,

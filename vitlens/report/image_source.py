@@ -5,7 +5,7 @@ The result set does not store pixels; it stores where they came from. A sample i
     images.shard (the shard id, `vitlens.store.layout.shard_stem` of its URL)
       -> the shard URL, from `runs.job_spec` (JSON of the job spec: `data.manifest`, read with
          `vitlens.data.manifest.shard_entries`, or the explicit `data.shards`)
-      -> the local tar, scanned member by member for `KEY.image.*`, `KEY.mask.png`, `KEY.meta.json`
+      -> the tar (a local file or an object-store URL), scanned member by member for `KEY.image.*`, `KEY.mask.png`, `KEY.meta.json`
       -> the variant's eval resize/crop (`variants.data_config` through
          `vitlens.data.geometry.EvalGeometry`), applied to the image and (nearest) to the mask,
          so the token grid lies on the pixels exactly as the model saw them.
@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from vitlens.data import urls
 from vitlens.data.manifest import is_local, local_path, shard_entries
 from vitlens.data.sample_format import (
     IMAGE_MEMBERS,
@@ -93,12 +94,14 @@ def shard_url_index(job_specs: Iterable[str]) -> dict[str, str]:
     return index
 
 
-def read_sample_members(shard: Path, key: str) -> dict[str, bytes]:
-    """The members of sample `key` in a local tar, as {member: bytes} (e.g. `image.png`,
-    `mask.png`, `meta.json`); empty when the shard holds no such sample. Streams the tar
-    (members are read only for `key`) and stops after the sample's last member."""
+def read_sample_members(shard: Path | str, key: str) -> dict[str, bytes]:
+    """The members of sample `key` in a tar (a local file or an object-store URL), as
+    {member: bytes} (e.g. `image.png`, `mask.png`, `meta.json`); empty when the shard holds no
+    such sample. Streams the tar (members are read only for `key`) and stops after the
+    sample's last member."""
     found: dict[str, bytes] = {}
-    with tarfile.open(shard, mode="r|*") as tar:
+    opened = urls.open_binary(shard) if isinstance(shard, str) and urls.is_object_url(shard) else open(shard, "rb")
+    with opened as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -149,16 +152,21 @@ def load_sample(shard_url: str | None, shard_id: str, key: str, data_config: Map
                            "no eval transform")
     if shard_url is None:
         return ImageLookup(None, None, f"no run's job spec names shard {shard_id}", "shard unknown")
-    if not is_local(shard_url):
+    if urls.is_object_url(shard_url):
+        path: Path | str = shard_url  # read from the object store
+    elif not is_local(shard_url):
         return ImageLookup(None, shard_url, f"shard {shard_url} is not a local file", "shard not local")
-    path = local_path(shard_url)
-    if not path.is_file():
-        return ImageLookup(None, shard_url, f"shard {path} is gone", "shard gone")
+    else:
+        path = local_path(shard_url)
+        if not path.is_file():
+            return ImageLookup(None, shard_url, f"shard {path} is gone", "shard gone")
     try:
         members = read_sample_members(path, key)
         if not members:
             return ImageLookup(None, shard_url, f"shard {path} holds no sample {key}", "sample not in shard")
         return ImageLookup(transform_sample(members, data_config), shard_url)
+    except FileNotFoundError:
+        return ImageLookup(None, shard_url, f"shard {path} is gone", "shard gone")
     except (OSError, tarfile.TarError, ValueError, UserError) as err:
         return ImageLookup(None, shard_url, f"sample {key} of {path} is unreadable: {one_line_reason(err)}",
                            "unreadable sample")

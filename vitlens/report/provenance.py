@@ -4,7 +4,7 @@ Per job run (the `runs` view, one row per run): job name, run id, status, start 
 the job spec's essentials (data manifest or shards, detail, precision, batch size, variants,
 experiments, [explain] / [probe] settings when those experiments ran), versions, wall
 seconds, per-experiment seconds (`experiment_seconds`, schema v5; "not recorded" before),
-device and actors. Then the data: per variant × experiment the images and shards analysed
+the samples the run rejected per stage (`samples_rejected`, schema v6), device and actors. Then the data: per variant × experiment the images and shards analysed
 (`images` view) and the store's tables holding it, and every reject with its reason (the
 `rejects` view, written as tables/rejects.csv and shown in the page).
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import duckdb
 import pyarrow as pa
@@ -30,7 +29,9 @@ from vitlens.data.manifest import read_manifest
 from vitlens.errors import UserError
 from vitlens.report.html import html_table
 from vitlens.report.queries import format_cell, format_markdown
+from vitlens.report.results import result_files
 from vitlens.report.sections import RawSection, write_table
+from vitlens.store.committed import ResultFiles
 
 ANCHOR = "provenance"
 TITLE = "Provenance: runs, data and rejects"
@@ -41,7 +42,7 @@ DATA_TABLES: tuple[str, ...] = ("tokens", "token_summary", "residual_match", "im
 #: The labels of `run_fields`, in display order (the columns of tables/provenance_runs.csv).
 RUN_FIELDS: tuple[str, ...] = (
     "job", "run id", "status", "started", "finished", "data", "variants", "experiments", "detail", "precision",
-    "batch size", "[explain]", "[probe]", "shard × variant", "rows written", "wall seconds",
+    "batch size", "[explain]", "[probe]", "shard × variant", "rows written", "samples rejected", "wall seconds",
     "seconds per experiment", "device × actors", "versions")
 RUNS_FILE, DATA_FILE, REJECTS_FILE = "provenance_runs", "provenance_data", "rejects"
 
@@ -58,8 +59,8 @@ def _json(text: str | None) -> Any:
 
 @dataclass(frozen=True)
 class RunProvenance:
-    """One `runs` row with its JSON columns parsed (`spec`, `versions`, `experiment_seconds`;
-    `experiment_seconds` is None for runs before schema v5)."""
+    """One `runs` row with its JSON columns parsed (`spec`, `versions`, `experiment_seconds`,
+    `samples_rejected`; None for runs before schema v5 and v6)."""
 
     run_id: str
     job_name: str
@@ -77,6 +78,7 @@ class RunProvenance:
     spec: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     experiment_seconds: dict[str, Any] | None = None
+    samples_rejected: dict[str, Any] | None = None  # {stage: {variant: samples}}
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -117,41 +119,38 @@ def read_runs(con: duckdb.DuckDBPyConnection) -> list[RunProvenance]:
     """Every `runs` row, oldest first, with its JSON parsed (null-safe for older rows)."""
     columns = {d[0] for d in con.execute("SELECT * FROM runs LIMIT 0").description}
     seconds = "experiment_seconds" if "experiment_seconds" in columns else "NULL AS experiment_seconds"
+    rejected = "samples_rejected" if "samples_rejected" in columns else "NULL AS samples_rejected"
     status = "status" if "status" in columns else "NULL AS status"
     finished = "finished_at" if "finished_at" in columns else "NULL AS finished_at"
     rows = con.execute(
         f"SELECT run_id, job_name, {status}, started_at, {finished}, wall_seconds, device, actors, "
         "shards_total, shards_done, shards_skipped, shards_failed, rows_written, job_spec, versions, "
-        f"{seconds} FROM runs ORDER BY started_at, run_id").fetchall()
+        f"{seconds}, {rejected} FROM runs ORDER BY started_at, run_id").fetchall()
     runs = []
     for row in rows:
-        spec, versions, experiment_seconds = (_json(v) for v in row[13:16])
+        spec, versions, experiment_seconds, samples_rejected = (_json(v) for v in row[13:17])
         runs.append(RunProvenance(*row[:13], spec=spec if isinstance(spec, dict) else {},
                                   versions=versions if isinstance(versions, dict) else {},
                                   experiment_seconds=experiment_seconds if isinstance(experiment_seconds, dict)
-                                  else None))
+                                  else None,
+                                  samples_rejected=samples_rejected if isinstance(samples_rejected, dict) else None))
     return runs
 
 
-def _stored_partitions(results_dir: Path) -> dict[tuple[str, str], list[str]]:
-    """(variant, experiment) -> the tables with files under it (read from the folder names)."""
-    found: dict[tuple[str, str], list[str]] = {}
-    for table in DATA_TABLES:
-        for folder in sorted((results_dir / f"table={table}").glob("variant=*/experiment=*")):
-            if any(folder.glob("*.parquet")):
-                key = (unquote(folder.parent.name.split("=", 1)[1]), unquote(folder.name.split("=", 1)[1]))
-                found.setdefault(key, []).append(table)
-    return found
+def _stored_partitions(results: ResultFiles) -> dict[tuple[str, str], list[str]]:
+    """(variant, experiment) -> the data tables with committed files under it."""
+    found = {key: [t for t in DATA_TABLES if t in tables] for key, tables in results.partitions().items()}
+    return {key: tables for key, tables in found.items() if tables}
 
 
-def data_table(con: duckdb.DuckDBPyConnection, results_dir: str | Path) -> pa.Table:
+def data_table(con: duckdb.DuckDBPyConnection, results_dir: str | Path | ResultFiles) -> pa.Table:
     """Per variant × experiment: images and shards analysed (`images` view; null where the
     experiment wrote no images rows) and the tables holding it (experiment 'none': the
     variant's own tables such as params)."""
     counts = {(v, e): (n, s) for v, e, n, s in con.execute(
         "SELECT variant, experiment, count(DISTINCT image_key), count(DISTINCT shard) FROM images "
         "GROUP BY variant, experiment").fetchall()}
-    stored = _stored_partitions(Path(results_dir))
+    stored = _stored_partitions(results_dir if isinstance(results_dir, ResultFiles) else result_files(results_dir))
     keys = sorted(set(counts) | set(stored))
     return pa.table({
         "variant": pa.array([k[0] for k in keys], pa.string()),
@@ -187,6 +186,14 @@ def _seconds(value: Any) -> str:
     return f"{value:.1f} s" if isinstance(value, (int, float)) else str(value)
 
 
+def _samples(value: Any) -> str:
+    """{variant: samples} as `7` (one variant) or `7 over 2 variants`."""
+    numbers = [v for v in value.values() if isinstance(v, int)] if isinstance(value, dict) else []
+    if len(numbers) == 1:
+        return str(numbers[0])
+    return f"{sum(numbers)} over {len(numbers)} variants" if numbers else str(value)
+
+
 def _setting(value: Any, most: int = 5) -> str:
     """One setting as JSON; a list of more than `most` items shortened (e.g. training shards)."""
     if isinstance(value, list) and len(value) > most:
@@ -212,6 +219,10 @@ def run_fields(run: RunProvenance) -> dict[str, str]:
         per_experiment = "not recorded (run before schema v5)"
     else:
         per_experiment = "; ".join(f"{k} {_seconds(v)}" for k, v in run.experiment_seconds.items()) or "none"
+    if run.samples_rejected is None:
+        rejected = "not recorded (run before schema v6)"
+    else:
+        rejected = "; ".join(f"{stage} {_samples(v)}" for stage, v in sorted(run.samples_rejected.items())) or "none"
     return {
         "job": run.job_name,
         "run id": run.run_id,
@@ -229,6 +240,7 @@ def run_fields(run: RunProvenance) -> dict[str, str]:
         "shard × variant": (f"{run.shards_total} total, {run.shards_done} done, {run.shards_skipped} skipped "
                             f"(done before), {run.shards_failed} failed"),
         "rows written": str(run.rows_written),
+        "samples rejected": rejected,
         "wall seconds": f"{run.wall_seconds:.1f}",
         "seconds per experiment": per_experiment,
         "device × actors": f"{run.device} × {run.actors}",
@@ -298,7 +310,8 @@ def provenance_section(runs: list[RunProvenance], data: pa.Table, rejects: pa.Ta
     return RawSection(TITLE, "\n".join(parts_html), "\n".join(parts_md), ANCHOR)
 
 
-def write_provenance(con: duckdb.DuckDBPyConnection, results_dir: str | Path, out_dir: str | Path) -> RawSection:
+def write_provenance(con: duckdb.DuckDBPyConnection, results_dir: str | Path | ResultFiles,
+                     out_dir: str | Path) -> RawSection:
     """Collect the provenance, write tables/provenance_runs, provenance_data and rejects
     (CSV + Markdown) under `out_dir`, and return the section (its `files` are the CSVs)."""
     tables = Path(out_dir) / "tables"

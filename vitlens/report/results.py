@@ -11,6 +11,11 @@ The per-token queries read `token_summary` and `residual_match`, never `tokens`:
 and the two views compute the same sums from them (`DERIVED_VIEWS`), so every query gives the
 same numbers from either tier — and from a result set that mixes them (a (variant,
 experiment) with stored sums is never counted twice).
+
+The views read exactly the files the result set commits (`vitlens.store.committed`): on an
+object store (`s3://bucket/prefix`, ...) the files its done-markers name, read through the
+same fsspec file system the job wrote with, so an object of a writer killed before its
+marker is never counted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import duckdb
 import pyarrow as pa
 
 from vitlens.errors import UserError
+from vitlens.store.committed import ResultFiles, committed_files
 from vitlens.store.schema import TABLES, schema_of
+from vitlens.store.storage import open_storage
 
 PARTITION_COLUMNS: tuple[str, ...] = ("variant", "experiment")
 
@@ -45,12 +52,17 @@ def _empty_table(table: str) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def view_sql(root: Path, table: str) -> str:
-    """The `CREATE VIEW` statement of one table over its hive-partitioned Parquet files."""
-    pattern = (root / f"table={table}" / "*" / "*" / "*.parquet").as_posix().replace("'", "''")
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(files: list[str], table: str) -> str:
+    """The `CREATE VIEW` statement of one table over its hive-partitioned Parquet files
+    (full paths or URLs)."""
+    listed = ", ".join(_sql_string(f) for f in files)
     return (
         f"CREATE OR REPLACE VIEW {table} AS SELECT * EXCLUDE (\"table\") FROM read_parquet("
-        f"'{pattern}', hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
+        f"[{listed}], hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
     )
 
 
@@ -92,29 +104,42 @@ DERIVED_VIEWS: dict[str, str] = {
 }
 
 
-def _has_files(root: Path, table: str) -> bool:
-    return any((root / f"table={table}").glob("*/*/*.parquet"))
+def result_files(results_dir: str | Path) -> ResultFiles:
+    """The committed files of a result set (local folder or object-store URL); UserError when
+    it holds no table (`table=tokens`, `table=explain`, ...)."""
+    storage = open_storage(results_dir)
+    try:
+        found = committed_files(storage)
+    except OSError as err:
+        raise UserError(f"--results {storage.root}: cannot list it ({err})") from None
+    if not any(key.startswith("table=") for key in found.listing):
+        raise UserError(f"--results {storage.root}: no table=... folder there (run a job into it first)")
+    return found
 
 
-def open_results(results_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table of `vitlens.store.schema.TABLES`.
+def open_results(results_dir: str | Path | ResultFiles) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per table of `vitlens.store.schema.TABLES`,
+    over the files the result set commits (object stores through their fsspec file system).
 
     Raises UserError when `results_dir` holds no table folder (`table=tokens`, `table=explain`, ...).
     """
-    root = Path(results_dir)
-    if not any((root / f"table={table}").is_dir() for table in TABLES):
-        raise UserError(f"--results {root}: no table=... folder there (run a job into it first)")
+    found = results_dir if isinstance(results_dir, ResultFiles) else result_files(results_dir)
+    storage = found.storage
     con = duckdb.connect()
+    if not storage.renames:
+        con.register_filesystem(storage.fs)
+    files = {table: [storage.url(key) for key in found.of_table(table)] for table in TABLES}
+
     for table in TABLES:
-        if _has_files(root, table):
-            con.execute(view_sql(root, table))
+        if files[table]:
+            con.execute(view_sql(files[table], table))
         else:
             con.register(f"_empty_{table}", _empty_table(table))
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
-    if _has_files(root, "tokens"):
+    if files["tokens"]:
         for table, derived in DERIVED_VIEWS.items():
-            con.execute(view_sql(root, table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
-                        if _has_files(root, table) else
+            con.execute(view_sql(files[table], table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
+                        if files[table] else
                         f"CREATE OR REPLACE VIEW _stored_{table} AS SELECT * FROM _empty_{table}")
             con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _stored_{table} UNION ALL BY NAME "

@@ -65,7 +65,7 @@ class ReportContext:
     files, e.g. OUT/gallery/..., linked from its HTML by path relative to `out_dir`)."""
 
     con: duckdb.DuckDBPyConnection
-    results_dir: Path
+    results_dir: str  # a local folder or an object-store URL
     out_dir: Path
 
 

@@ -13,12 +13,15 @@ from typing import Any
 
 import ray
 
-from vitlens.errors import one_line_reason
+from vitlens.errors import UserError, one_line_reason
 from vitlens.runner.spec import JobSpec
 
 #: Test hook: path of a flag file. The first actor that finishes a batch while the file
 #: does not exist creates it and dies on the spot (os._exit), simulating a lost node.
 INJECT_DEATH_ENV = "VITLENS_INJECT_ACTOR_DEATH"
+#: Test hook: path of a flag file. The first actor that has committed a shard's data files
+#: while the file does not exist creates it and dies before writing the shard's done-marker.
+INJECT_DEATH_BEFORE_MARKER_ENV = "VITLENS_INJECT_DEATH_BEFORE_MARKER"
 #: Test hook: a shard stem whose analysis always raises, simulating a bug hit by one shard.
 INJECT_SHARD_ERROR_ENV = "VITLENS_INJECT_SHARD_ERROR"
 #: Test hook: seconds each shard takes at least, so a test can kill the driver between shards.
@@ -50,10 +53,14 @@ class ShardActor:
         experiments: tuple[str, ...] | None = None,
         expected_samples: int | None = None,
         expected_sha256: str | None = None,
+        fresh: bool = False,
     ) -> dict[str, Any]:
         """Analyse one shard with `experiments` (default: all of the job's); returns its statistics,
-        or `{"failed": True, "stage": "read" | "analysis", "reason": one line}`.
+        or `{"failed": True, "stage": "read" | "analysis", "reason": one line, "retry": bool}`.
 
+        `retry` is False for a damaged shard (`read`) and for a `UserError` (a problem of the
+        data or the job, e.g. training images among the analysed ones: every attempt would
+        fail alike); True for any other error (a bug hit by this shard, a lost resource).
         Errors come back as values, not exceptions, so the driver never unpickles an
         exception class of the science code (which would import torch there).
         """
@@ -64,11 +71,21 @@ class ShardActor:
                 raise RuntimeError(f"injected analysis error for shard {stem}")
             time.sleep(float(os.environ.get(INJECT_SHARD_DELAY_ENV, "0")))
             return self.processor.process(shard_url, stem, on_batch=_maybe_die, experiments=experiments,
-                                          expected_samples=expected_samples, expected_sha256=expected_sha256)
+                                          expected_samples=expected_samples, expected_sha256=expected_sha256,
+                                          fresh=fresh, before_marker=_maybe_die_before_marker)
         except ShardReadError as err:
-            return {"failed": True, "stage": "read", "reason": one_line_reason(err.reason)}
+            return {"failed": True, "stage": "read", "reason": one_line_reason(err.reason), "retry": False}
+        except UserError as err:  # deterministic: reported once, never retried
+            return {"failed": True, "stage": "analysis", "reason": one_line_reason(str(err)), "retry": False}
         except Exception as err:  # a bug hit by this shard: reported, retried by the driver
-            return {"failed": True, "stage": "analysis", "reason": one_line_reason(err)}
+            return {"failed": True, "stage": "analysis", "reason": one_line_reason(err), "retry": True}
+
+
+def _maybe_die_before_marker() -> None:
+    flag = os.environ.get(INJECT_DEATH_BEFORE_MARKER_ENV)
+    if flag and not Path(flag).exists():
+        Path(flag).write_text(str(os.getpid()))
+        os._exit(1)
 
 
 def _maybe_die(batch_index: int) -> None:

@@ -10,6 +10,7 @@ nothing to do, has exactly one row.
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,9 @@ from typing import Any, NamedTuple
 import pyarrow.parquet as pq
 
 from vitlens.runner.spec import JobSpec
-from vitlens.store.layout import NO_EXPERIMENT, shard_stem, table_file, write_parquet_atomic
+from vitlens.store.committed import FAILED_SHARDS
+from vitlens.store.layout import NO_EXPERIMENT, shard_stem, table_key
+from vitlens.store.storage import Storage, open_storage
 from vitlens.store.schema import SCHEMA_VERSION, to_table
 
 #: `runs.status` values.
@@ -53,6 +56,20 @@ class JobReport:
     run_id: str = ""
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
 
+    def samples_rejected(self) -> dict[str, dict[str, int]]:
+        """Samples the shards of this run rejected and skipped (their rows are in `rejects`),
+        per stage (`decode`, `label`) and variant; shards skipped as done before are not in it.
+
+        # -> {stage: {variant: samples}}
+        """
+        total: dict[str, dict[str, int]] = {}
+        for stats in self.shard_stats:
+            for stage, count in stats.get("rejects_by_stage", {}).items():
+                if count:
+                    per_variant = total.setdefault(stage, {})
+                    per_variant[stats["variant"]] = per_variant.get(stats["variant"], 0) + int(count)
+        return {stage: dict(sorted(per_variant.items())) for stage, per_variant in sorted(total.items())}
+
 
 def new_run_id(now: datetime | None = None) -> str:
     """`YYYYmmddTHHMMSS-<8 hex>`: sortable by start time, unique."""
@@ -73,9 +90,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_file(root: str | Path, run_id: str) -> Path:
-    """The `runs` file of one run."""
-    return table_file(root, "runs", "all", NO_EXPERIMENT, run_id)
+def run_key(run_id: str) -> str:
+    """The key of the `runs` file of one run."""
+    return table_key("runs", "all", NO_EXPERIMENT, run_id)
 
 
 def experiment_seconds(shard_stats: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -108,22 +125,25 @@ def write_run_record(job: JobSpec, report: JobReport, status: str) -> None:
         "rows_written": [sum(s.get("rows", 0) for s in report.shard_stats)],
         "analysis_seconds": [sum(s.get("seconds", 0.0) for s in report.shard_stats)],
         "experiment_seconds": [json.dumps(experiment_seconds(report.shard_stats))],
+        "samples_rejected": [json.dumps(report.samples_rejected())],
     })
-    write_parquet_atomic(table, run_file(job.output, report.run_id))
+    open_storage(job.output).write_table(table, run_key(report.run_id))
 
 
-def mark_run_killed(root: str | Path, run_id: str) -> bool:
+def mark_run_killed(root: str | Path | Storage, run_id: str) -> bool:
     """Rewrite the `running` row of a run whose driver died as `killed`; False when there is none."""
-    path = run_file(root, run_id)
-    if not path.is_file():
+    storage = root if isinstance(root, Storage) else open_storage(root)
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(run_key(run_id))))
+    except (OSError, ValueError):
         return False
-    table = pq.read_table(path)
     if table.num_rows != 1 or table.column("status")[0].as_py() != "running":
         return False
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     columns["status"] = ["killed"]
     columns.setdefault("experiment_seconds", [None])  # a row written before schema v5
-    write_parquet_atomic(to_table("runs", columns), path)
+    columns.setdefault("samples_rejected", [None])  # a row written before schema v6
+    storage.write_table(to_table("runs", columns), run_key(run_id))
     return True
 
 
@@ -134,14 +154,15 @@ def write_failed_shards(job: JobSpec, failures: list[ShardFailure]) -> None:
     One file per variant, rewritten by every run that analysed something, so a re-run that
     succeeds clears it.
     """
+    storage = open_storage(job.output)
     for variant in job.variants:
         rows = [f for f in failures if f.variant == variant]
-        path = table_file(job.output, "rejects", variant, NO_EXPERIMENT, "failed-shards")
+        key = table_key("rejects", variant, NO_EXPERIMENT, FAILED_SHARDS)
         if not rows:
-            path.unlink(missing_ok=True)
+            storage.delete(key)
             continue
         table = to_table("rejects", {
             "shard": [shard_stem(f.shard) for f in rows], "image_key": [None] * len(rows),
             "stage": [f.stage for f in rows], "reason": [f.reason for f in rows],
         })
-        write_parquet_atomic(table, path)
+        storage.write_table(table, key)

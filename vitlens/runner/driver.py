@@ -32,10 +32,12 @@ from vitlens.runner.bookkeeping import (
     write_run_record,
 )
 from vitlens.runner.plan import WorkItem, WorkQueue
-from vitlens.runner.preflight import check_checkpoint_files, check_output, check_probe_disjoint, job_shards, probe_shards
+from vitlens.runner.preflight import check_checkpoint_files, check_probe_disjoint, job_shards, probe_shards
 from vitlens.runner.spec import JobSpec
-from vitlens.store.layout import clean_temporaries
+from vitlens.store.committed import committed_files, damaged_shards, verify
+from vitlens.store.layout import clean_temporaries, partition_value
 from vitlens.store.lock import OutputLock
+from vitlens.store.storage import Storage, open_storage
 
 __all__ = ["JobReport", "ShardFailure", "run_job"]
 
@@ -120,15 +122,17 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     shards = job_shards(job)
     check_probe_disjoint(shards, probe_shards(job))
     check_checkpoint_files(job)
-    check_output(job.output)
+    storage = open_storage(job.output)
+    storage.check_writable()
     report = JobReport(shards_total=len(shards) * len(job.variants), shards_skipped=0, run_id=new_run_id())
-    with OutputLock(job.output, report.run_id) as lock:
+    with OutputLock(storage, report.run_id) as lock:
         if lock.taken_over is not None:
-            mark_run_killed(job.output, lock.taken_over.run_id)
-        clean_temporaries(job.output)  # a killed earlier run's half-written files
-        queue = WorkQueue.build(job.output, job.variants, [s.url for s in shards], job.experiments,
+            mark_run_killed(storage, lock.taken_over.run_id)
+        clean_temporaries(storage)  # a killed earlier run's half-written files
+        queue = WorkQueue.build(storage, job.variants, [s.url for s in shards], job.experiments,
                                 max_attempts=1 + job.resources.max_task_retries,
-                                expected=[(s.samples, s.sha256) for s in shards])
+                                expected=[(s.samples, s.sha256) for s in shards],
+                                damaged=_damaged_results(storage, job, progress))
         report.shards_skipped = len(queue.skipped)
         status = "interrupted"
         recorded = False
@@ -145,11 +149,28 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
             status = "partial" if report.failures else "done"
             write_failed_shards(job, report.failures)
         finally:
-            clean_temporaries(job.output)  # left by actors that died mid-shard (their shards were redone)
+            clean_temporaries(storage)  # left by actors that died mid-shard (their shards were redone)
             report.wall_seconds = time.perf_counter() - started
             if recorded:
                 write_run_record(job, report, status)
     return report
+
+
+def _damaged_results(storage: Storage, job: JobSpec, progress: bool) -> set[tuple[str, str]]:
+    """The (variant, shard id)s of this job whose committed files are not what their markers
+    recorded (size always; sha256 too unless `[data] verify = false` / `--no-verify`): one line
+    each, and the shard is redone."""
+    result = committed_files(storage)
+    if not result.markers:
+        return set()
+    total = sum(r.size for r in result.files.values() if r is not None) if job.data.verify else 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{job.name}: verifying results",
+              disable=not progress or total == 0, file=sys.stderr) as bar:
+        damage = verify(result, checksums=job.data.verify, progress=bar.update)
+    for item in damage:
+        _say(item.line(storage) + "; its shard is redone")
+    folders = {f"variant={partition_value(v)}": v for v in job.variants}
+    return {(folders[folder], stem) for folder, stem in damaged_shards(damage, result) if folder in folders}
 
 
 def _say(message: str) -> None:
@@ -197,7 +218,7 @@ def _schedule(job: JobSpec, queue: WorkQueue, report: JobReport,
                         continue
                     slot.item = item
                     slot.ref = slot.actor.process.remote(item.shard_url, item.stem, item.experiments,
-                                                         item.expected_samples, item.expected_sha256)
+                                                         item.expected_samples, item.expected_sha256, item.fresh)
             busy = [s for s in slots if s.ref is not None]
             if not busy:
                 continue
@@ -218,9 +239,9 @@ def _schedule(job: JobSpec, queue: WorkQueue, report: JobReport,
                     _retry_or_fail(queue, report, item, "analysis", one_line_reason(str(err)), bar)
                     continue
                 if stats.get("failed"):
-                    if stats["stage"] == "read":  # a damaged shard stays damaged: no retry
+                    if not stats.get("retry", stats["stage"] != "read"):  # a damaged shard, a UserError: no retry
                         queue.fail(item, stats["reason"])
-                        _record_failure(report, item, "read", stats["reason"], bar)
+                        _record_failure(report, item, stats["stage"], stats["reason"], bar)
                     else:
                         _retry_or_fail(queue, report, item, stats["stage"], stats["reason"], bar)
                     continue

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from pathlib import Path
+from typing import Collection, Sequence
 
 from vitlens.store.layout import done_experiments, shard_stem
+from vitlens.store.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class WorkItem:
     attempt: int = 1
     expected_samples: int | None = None  # from the manifest: a shard with another count is not done
     expected_sha256: str | None = None  # from the manifest when verification is on
+    fresh: bool = False  # its earlier files are damaged: redo every experiment, keep nothing of them
 
 
 @dataclass
@@ -39,17 +42,20 @@ class WorkQueue:
     @classmethod
     def build(
         cls,
-        output_root: str,
+        output_root: str | Path | Storage,
         variants: tuple[str, ...],
         shard_urls: Sequence[str],
         experiments: tuple[str, ...],
         max_attempts: int,
         expected: Sequence[tuple[int | None, str | None]] | None = None,
+        damaged: Collection[tuple[str, str]] = (),
     ) -> "WorkQueue":
         """Queue every (variant, shard) with the experiments its done-marker does not list;
         remember the (variant, shard)s with nothing left to do as skipped.
 
         `expected[i]` is shard i's (sample count, sha256) from its manifest, either None.
+        `damaged` holds the (variant, shard id)s whose committed files failed verification:
+        they are queued with every experiment, `fresh`.
         """
         queue = cls(max_attempts=max_attempts)
         checks = list(expected) if expected is not None else [(None, None)] * len(shard_urls)
@@ -58,9 +64,10 @@ class WorkQueue:
             queue.in_flight[variant] = 0
             for url, (samples, sha256) in zip(shard_urls, checks):
                 stem = shard_stem(url)
-                done = done_experiments(output_root, variant, stem, sha256)
+                fresh = (variant, stem) in damaged
+                done = frozenset() if fresh else done_experiments(output_root, variant, stem, sha256)
                 item = WorkItem(variant, url, stem, tuple(e for e in experiments if e not in done),
-                                expected_samples=samples, expected_sha256=sha256)
+                                expected_samples=samples, expected_sha256=sha256, fresh=fresh)
                 if item.experiments:
                     queue.pending[variant].append(item)
                 else:

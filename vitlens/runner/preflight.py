@@ -1,14 +1,12 @@
 """Everything about a job that can be checked before Ray starts or torch is imported:
-the shard list and its ids, the local files it names, and a writable output folder.
+the shard list and its ids, and the local files it names (the output: `Storage.check_writable`).
 
 Each check raises `vitlens.errors.UserError` with one line naming the file or key.
 """
 
 from __future__ import annotations
 
-import os
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,23 +96,6 @@ def check_probe_disjoint(analysed: list[JobShard], training: list[JobShard]) -> 
         if overlap:
             raise UserError(f"[probe] training shard {train_keys[overlap[0]]} and analysed shard {shard.url} "
                             f"share {len(overlap)} image key(s), e.g. {overlap[0]}; train the probes on disjoint images")
-
-
-def check_output(output: str) -> None:
-    """The output folder exists or can be made, and a file can be written and removed there."""
-    path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".vitlens-write-probe-{uuid.uuid4().hex}.tmp"
-        with open(probe, "wb") as handle:
-            handle.write(b"ok")
-            handle.flush()
-            os.fsync(handle.fileno())
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output {path} is not writable: {err.strerror or err}") from None
 
 
 def check_checkpoint_files(job: JobSpec) -> None:

@@ -52,8 +52,11 @@ def train_probes(
 ) -> TrainedProbes:
     """Stream the job's [probe] training shards through `model` and fit every probe.
 
-    Rejected training samples are skipped; a damaged training shard raises its
-    `ShardReadError` (the analysed shard that needed the probes fails and is retried).
+    Rejected training samples are skipped: those that do not decode, and those whose
+    `class_index` is no class of `model` (stage `label`: the ridge targets need a class
+    below `model.num_classes`); they are not written anywhere (the `rejects` table holds
+    the analysed shards' samples). A damaged training shard raises its `ShardReadError`
+    (the analysed shard that needed the probes fails).
     """
     from vitlens.lens.families import adapter_for
 
@@ -64,9 +67,10 @@ def train_probes(
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for url, samples, sha256 in _training_shards(job):
             for batch in shard_batches(url, geometry, job.batch_size, token_cell, num_prefix_tokens,
-                                       on_reject=lambda shard, key, reason: None,
+                                       on_reject=lambda shard, key, reason, stage: None,
                                        expected_samples=samples, expected_sha256=sha256,
-                                       workers=job.resources.workers, pin_memory=device.type == "cuda"):
+                                       workers=job.resources.workers, pin_memory=device.type == "cuda",
+                                       num_classes=model.num_classes):
                 keys.update(batch.keys)
                 yield batch.images.to(device, non_blocking=True), batch.class_index.to(device)
 

@@ -43,12 +43,14 @@ from vitlens.store.background import BackgroundWriter
 from vitlens.store.layout import (
     NO_EXPERIMENT,
     StagedParquetWriter,
-    done_experiments,
-    done_marker,
-    table_file,
-    write_json_atomic,
-    write_parquet_atomic,
+    marker_bytes,
+    marker_files,
+    marker_key,
+    read_marker,
+    partition_value,
+    table_key,
 )
+from vitlens.store.storage import FileRecord, open_storage
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
 from vitlens.store.probe_records import probes_table
 from vitlens.store.records import images_table, summary_tables, tokens_table
@@ -104,6 +106,7 @@ class ShardProcessor:
         self.variant = variant
         self.job = job
         self.device = torch.device(device)
+        self.storage = open_storage(job.output)
         loaded = load_variant(variant, device=self.device, checkpoint_path=job.checkpoint_for(variant),
                               head_path=job.head_for(variant), model_kwargs=job.model_kwargs_for(variant))
         self.model = loaded.model
@@ -121,8 +124,8 @@ class ShardProcessor:
 
     def _write_variant(self) -> None:
         """The `variants` row of this variant: what the report needs to draw its token grid."""
-        path = table_file(self.job.output, "variants", self.variant, NO_EXPERIMENT, "variant")
-        if path.is_file():
+        key = table_key("variants", self.variant, NO_EXPERIMENT, "variant")
+        if self.storage.exists(key):
             return
         anatomy = self.lens.anatomy
         height, width = self.geometry.input_size
@@ -134,12 +137,12 @@ class ShardProcessor:
             "data_config": [json.dumps(self.data_config, sort_keys=True, default=list)],
             "class_names": [list(self.class_names)],
         })
-        write_parquet_atomic(table, path)
+        self.storage.write_table(table, key)
 
     def _write_params(self) -> None:
         """The parameter-only `params` table of this variant (same content on every actor)."""
-        path = table_file(self.job.output, "params", self.variant, NO_EXPERIMENT, "params")
-        if path.is_file():
+        key = table_key("params", self.variant, NO_EXPERIMENT, "params")
+        if self.storage.exists(key):
             return
         adapter = self.lens.adapter
         blocks, sublayers, classes, scores = [], [], [], []
@@ -158,7 +161,7 @@ class ShardProcessor:
             "class_index": torch.cat(classes).numpy(),
             "class_value_agreement": torch.cat(scores).float().cpu().numpy(),
         })
-        write_parquet_atomic(table, path)
+        self.storage.write_table(table, key)
 
     def process(
         self,
@@ -168,6 +171,8 @@ class ShardProcessor:
         experiments: tuple[str, ...] | None = None,
         expected_samples: int | None = None,
         expected_sha256: str | None = None,
+        fresh: bool = False,
+        before_marker: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Analyse one shard with `experiments` (default: every experiment of the job), then
         write the done-marker listing them with those done before.
@@ -178,6 +183,11 @@ class ShardProcessor:
         is raised after every staged file was dropped, so nothing of the shard is written
         and the next run redoes it.
 
+        The marker names every file of the shard with its size and sha256: those written now,
+        and those of the experiments an earlier marker lists that were not redone (none with
+        `fresh`, for a shard whose earlier files were found damaged). Files of the earlier
+        marker that the new one does not name are deleted after it is written.
+
         Returns {variant, shard, images, rows, rejects, seconds, experiments}.
         """
         started = time.perf_counter()
@@ -186,11 +196,11 @@ class ShardProcessor:
         if unknown:
             raise ValueError(f"experiments {unknown} are not in job {self.job.name!r}")
         run = [e for e in self.experiments if e in requested]
-        rejects: list[tuple[str, str]] = []
+        rejects: list[tuple[str, str, str]] = []  # (image key, reason, stage)
         detail = self.job.detail
         writers = {
             (table, experiment): StagedParquetWriter(
-                table_file(self.job.output, table, self.variant, experiment, stem), schema_of(table)
+                self.storage, table_key(table, self.variant, experiment, stem), schema_of(table)
             )
             for experiment in run
             for table in tables_of(experiment, detail)
@@ -206,9 +216,10 @@ class ShardProcessor:
                 seconds["probe_fit"] = self.probes.seconds
             batches = shard_batches(
                 shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
-                on_reject=lambda shard, key, reason: rejects.append((key, reason)),
+                on_reject=lambda shard, key, reason, stage: rejects.append((key, reason, stage)),
                 expected_samples=expected_samples, expected_sha256=expected_sha256,
                 workers=self.job.resources.workers, pin_memory=self.device.type == "cuda",
+                num_classes=self.lens.anatomy.num_classes,
             )
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
@@ -223,11 +234,12 @@ class ShardProcessor:
             background.close()
             reject_rows = to_table("rejects", {
                 "shard": [stem] * len(rejects),
-                "image_key": [key for key, _ in rejects],
-                "stage": ["decode"] * len(rejects),
-                "reason": [reason for _, reason in rejects],
+                "image_key": [key for key, _, _ in rejects],
+                "stage": [stage for _, _, stage in rejects],
+                "reason": [reason for _, reason, _ in rejects],
             })
-            write_parquet_atomic(reject_rows, table_file(self.job.output, "rejects", self.variant, NO_EXPERIMENT, stem))
+            rejects_key = self.storage.unique_key(table_key("rejects", self.variant, NO_EXPERIMENT, stem))
+            committed = [self.storage.write_table(reject_rows, rejects_key)]
         except BaseException:
             try:
                 background.close()
@@ -236,23 +248,57 @@ class ShardProcessor:
             for writer in writers.values():
                 writer.abort()
             raise
-        for writer in writers.values():
-            writer.commit()
+        committed += [writer.commit() for writer in writers.values()]
         rows = sum(w.rows for (table, _), w in writers.items()
                    if table in ("tokens", "token_summary", "explain", "probes"))
         seconds.update({experiment: clock.seconds for experiment, clock in clocks.items()})
         # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
-        done = sorted(done_experiments(self.job.output, self.variant, stem, expected_sha256) | set(requested))
+        previous = read_marker(self.storage, self.variant, stem)
+        if previous is not None and (fresh or None not in (expected_sha256, previous.get("sha256"))
+                                     and previous["sha256"] != expected_sha256):
+            previous = None  # damaged files, or other shard bytes under this name: nothing carries over
+        carried = sorted(set(previous.get("experiments", ())) - set(run)) if previous else []
+        files = {record.key: record for record in self._carried_files(previous, carried, stem) + committed}
+        done = sorted(set(carried) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
-            "rejects": len(rejects), "seconds": time.perf_counter() - started, "experiments": done,
+            "rejects": len(rejects),  # sample rejects, counted per stage (decode, label) below
+            "rejects_by_stage": {stage: sum(r[2] == stage for r in rejects) for stage in sorted({r[2] for r in rejects})},
+            "seconds": time.perf_counter() - started, "experiments": done,
             "sha256": expected_sha256,  # verified in the read; a later run redoes the shard if it changes
             "device_seconds": sum(clock.seconds for clock in clocks.values()),  # the device step alone
             "experiment_seconds": seconds,  # per experiment (CUDA events on a GPU), and probe_fit
             "peak_device_bytes": max((clock.peak_bytes() for clock in clocks.values()), default=0),
         }
-        write_json_atomic(stats, done_marker(self.job.output, self.variant, stem))
+        marker = {**stats, "files": {key: record.as_json() for key, record in sorted(files.items())}}
+        if before_marker is not None:
+            before_marker()
+        self.storage.write_bytes(marker_bytes(marker), marker_key(self.variant, stem))
+        replaced = set(marker_files(previous) or {}) - set(files) if previous else set()
+        self.storage.delete_many(sorted(replaced))  # named by no marker now: never read again
         return stats
+
+    def _carried_files(self, previous: dict[str, Any] | None, experiments: list[str], stem: str) -> list[FileRecord]:
+        """The files of an earlier marker's `experiments` that this run keeps (not redone).
+
+        A marker written before markers named their files (local result sets of vitlens 0.1)
+        has them under their stable names: they are recorded (size, sha256) as found.
+        """
+        if previous is None or not experiments:
+            return []
+        folders = {f"experiment={partition_value(e)}" for e in experiments}
+        named = marker_files(previous)
+        if named is not None:
+            return [r for key, r in named.items() if key.split("/")[2] in folders and not key.startswith("table=rejects/")]
+        records = []
+        for experiment in experiments:
+            for table in sorted({t for tier in DETAIL_TIERS for t in tables_of(experiment, tier)}):
+                key = table_key(table, self.variant, experiment, stem)
+                if self.storage.exists(key):
+                    size = self.storage.local_path(key).stat().st_size if self.storage.renames else \
+                        int(self.storage.fs.size(self.storage.fs_path(key)))
+                    records.append(FileRecord(key, size, self.storage.sha256(key)))
+        return records
 
     def _analyse(self, batch: Any, experiment: str) -> Any:
         """The device step of one lens experiment on one batch: its `LensBatch` (on the device)."""

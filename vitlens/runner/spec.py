@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vitlens.errors import UserError
+from vitlens.store.storage import normalise_root
 from vitlens.settings import DETAILS, EXPLAIN_LN, EXPLAIN_LOSSES, PRECISIONS, PROBE_STREAMS
 from vitlens.runner.spec_keys import FLAG, TEXT, TEXTS, Key, checked, integer, is_int, one_of, positive_number
 from vitlens.toml_files import read_toml, toml_value
@@ -352,7 +353,7 @@ def load_job_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
             raise UserError(f"{path}: missing required key '{key}'")
     top = {k: checked(KEYS[""][k], v, k, str(path)) for k, v in raw.items() if k in KEYS[""]}
     base = path.parent
-    top["output"] = _resolve(base, top["output"])
+    top["output"] = normalise_root(top["output"], base)  # a local folder, or an object-store URL
     data_raw = _check_table(raw, "data", path)
     if ("manifest" in data_raw) == ("shards" in data_raw):
         raise UserError(f"{path}: [data] needs exactly one of 'manifest' or 'shards'")

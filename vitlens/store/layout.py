@@ -14,26 +14,35 @@ Partition values are percent-encoded (`timm:vit_tiny@random` is the folder
 `variant=timm%3Avit_tiny@random`), which DuckDB's hive partitioning decodes, so the
 views show exactly the spec's names. A shard's id is its file name without `.tar`; two
 shards of one job with the same id are refused before any work starts (`shard_ids`).
-File names come from the shard id, so a re-run overwrites rather than adds. Every file
-is written under a temporary name in the same folder and renamed into place, so a reader
-(or a killed writer) never sees half a file. A shard counts as done only when its marker
-exists; a re-run skips the experiments a shard's marker lists and runs the others, so adding
-an experiment to a finished job analyses only that experiment.
+
+The commit protocol (docs/jobs.md, "Guarantees"), the same on every file system:
+
+- a shard's files are written first, each whole or not at all (a local temporary renamed into
+  place; on an object store, which has no rename, an upload under a name no other write uses:
+  `<shard>.<12 hex>.parquet`);
+- its done-marker is written last and names exactly the files it commits, with each file's
+  size and sha256 (`vitlens verify` checks them; a re-run redoes a shard whose files fail);
+- readers read what markers name (and the per-variant and per-run tables), so a file of a
+  writer killed before its marker is never read; locally, stable names also let a re-run
+  overwrite rather than add.
+
+A shard counts as done only when its marker exists; a re-run skips the experiments a shard's
+marker lists and runs the others, so adding an experiment to a finished job analyses only
+that experiment.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitlens.errors import UserError
+from vitlens.store.storage import FileRecord, StagedFile, Storage, open_storage
 
 NO_EXPERIMENT = "none"
 #: Characters kept as they are in partition values and file stems; all others are %XX-encoded.
@@ -77,65 +86,66 @@ def shard_ids(shard_urls: list[str]) -> list[str]:
     return ids
 
 
+def table_key(table: str, variant: str, experiment: str, stem: str) -> str:
+    """The key (path relative to the result root) of one (table, variant, experiment, shard)
+    file under its stable name; object stores write it under `Storage.unique_key` of it."""
+    return f"table={table}/variant={partition_value(variant)}/experiment={partition_value(experiment)}/{stem}.parquet"
+
+
+def marker_key(variant: str, stem: str) -> str:
+    """The key of the done-marker of (variant, shard)."""
+    return f"_done/variant={partition_value(variant)}/{stem}.json"
+
+
 def table_file(root: str | Path, table: str, variant: str, experiment: str, stem: str) -> Path:
-    """The Parquet path of one (table, variant, experiment, shard) file."""
-    return (
-        Path(root)
-        / f"table={table}"
-        / f"variant={partition_value(variant)}"
-        / f"experiment={partition_value(experiment)}"
-        / f"{stem}.parquet"
-    )
+    """The local path of one (table, variant, experiment, shard) file under its stable name."""
+    return Path(root) / table_key(table, variant, experiment, stem)
 
 
 def done_marker(root: str | Path, variant: str, stem: str) -> Path:
-    """The marker that says every table of (variant, shard) is written."""
-    return Path(root) / "_done" / f"variant={partition_value(variant)}" / f"{stem}.json"
+    """The local path of the marker that says every table of (variant, shard) is written."""
+    return Path(root) / marker_key(variant, stem)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 256 * 1024) -> None:
-    """Write `table` as zstd Parquet to a temporary name beside `path`, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=3,
-            row_group_size=row_group_size,
-            use_dictionary=True,
-            write_statistics=True,
-        )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write `table` as zstd Parquet to the local `path` via a temporary name and a rename."""
+    Storage(str(Path(path).parent)).write_table(table, Path(path).name, row_group_size=row_group_size)
 
 
 def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write a JSON file via a temporary name and rename (markers, summaries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write a JSON file to the local `path` via a temporary name and a rename (markers, summaries)."""
+    Storage(str(Path(path).parent)).write_bytes(marker_bytes(payload), Path(path).name)
 
 
-def done_experiments(root: str | Path, variant: str, stem: str, sha256: str | None = None) -> frozenset[str]:
+def marker_bytes(payload: dict[str, Any]) -> bytes:
+    """A marker's (or any small record's) JSON bytes: sorted keys, one level of indent."""
+    return json.dumps(payload, indent=1, sort_keys=True).encode()
+
+
+def _as_storage(root: "str | Path | Storage") -> Storage:
+    return root if isinstance(root, Storage) else open_storage(root)
+
+
+def read_marker(root: "str | Path | Storage", variant: str, stem: str) -> dict[str, Any] | None:
+    """The done-marker of (variant, shard) as a dict, or None without a readable one."""
+    storage = _as_storage(root)
+    try:
+        payload = json.loads(storage.read_bytes(marker_key(variant, stem)))
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the shard is not done
+    return payload if isinstance(payload, dict) else None
+
+
+def done_experiments(root: "str | Path | Storage", variant: str, stem: str,
+                     sha256: str | None = None) -> frozenset[str]:
     """The experiments whose tables of (variant, shard) were completely written by earlier runs
     (empty without a marker, or for a marker that lists none).
 
     With `sha256` (the shard's checksum now), a marker that recorded another checksum counts
     as none: the shard was replaced by other data under the same name, so all is redone.
     """
-    path = done_marker(root, variant, stem)
-    if not path.is_file():
-        return frozenset()
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return frozenset()  # an unreadable marker: redo the shard
-    if not isinstance(payload, dict):
+    payload = read_marker(root, variant, stem)
+    if payload is None:
         return frozenset()
     recorded = payload.get("sha256")
     if sha256 is not None and recorded is not None and recorded != sha256:
@@ -143,10 +153,23 @@ def done_experiments(root: str | Path, variant: str, stem: str, sha256: str | No
     return frozenset(payload.get("experiments", ()))
 
 
-def clean_temporaries(root: str | Path) -> int:
-    """Remove temporary files a killed writer left behind; returns how many."""
+def marker_files(payload: dict[str, Any]) -> dict[str, FileRecord] | None:
+    """The files a marker commits (key -> record), or None for a marker written before markers
+    named their files (vitlens 0.1 result sets: their files have stable names)."""
+    files = payload.get("files")
+    if not isinstance(files, dict):
+        return None
+    return {key: FileRecord(key, int(entry["size"]), str(entry["sha256"])) for key, entry in files.items()}
+
+
+def clean_temporaries(root: "str | Path | Storage") -> int:
+    """Remove temporary files a killed writer left behind in a local result folder; returns how
+    many (object stores have none: an upload that never completed is not an object)."""
+    storage = _as_storage(root)
+    if not storage.renames:
+        return 0
     removed = 0
-    for tmp in Path(root).rglob(".*.tmp"):
+    for tmp in Path(storage.root).rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -159,19 +182,25 @@ STREAM_ZSTD_LEVEL = 1
 
 
 class StagedParquetWriter:
-    """Stream tables into one Parquet file under a temporary name; `commit()` renames it.
+    """Stream tables into one Parquet file that nobody reads until `commit()` (a `StagedFile`:
+    a temporary name renamed into place locally, an upload under a unique name on an object
+    store); `commit()` returns its `FileRecord` for the done-marker.
 
     Small tables are buffered up to `row_group_size` rows so row groups stay sensible;
-    `abort()` (or an exception inside a `with` block) deletes the temporary file.
+    `abort()` drops the file.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int = 256 * 1024) -> None:
-        self.path = path
+    def __init__(self, storage: Storage, key: str, schema: pa.Schema, row_group_size: int = 256 * 1024) -> None:
+        self.key = storage.unique_key(key)
         self.schema = schema
         self.row_group_size = row_group_size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", compression_level=STREAM_ZSTD_LEVEL)
+        self._file = StagedFile(storage, self.key)
+        try:
+            self._writer = pq.ParquetWriter(self._file.stream, schema, compression="zstd",
+                                            compression_level=STREAM_ZSTD_LEVEL)
+        except BaseException:
+            self._file.abort()
+            raise
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self.rows = 0
@@ -190,15 +219,17 @@ class StagedParquetWriter:
             self._writer.write_table(merged, row_group_size=self.row_group_size)
             self._buffer, self._buffered = [], 0
 
-    def commit(self) -> None:
-        """Finish the file and rename it into place."""
+    def commit(self) -> FileRecord:
+        """Finish the file and make it visible under `self.key`."""
         self._flush()
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        return self._file.commit()
 
     def abort(self) -> None:
-        """Drop the temporary file (nothing at `path` changes)."""
+        """Drop the file (nothing at `self.key` changes)."""
         try:
             self._writer.close()
+        except Exception:
+            pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self._file.abort()

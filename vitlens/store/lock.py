@@ -1,11 +1,12 @@
-"""One run at a time per output folder: `ROOT/_lock.json` names the run that holds it.
+"""One run at a time per output: `ROOT/_lock.json` names the run that holds it.
 
-The lock file is created with O_EXCL and holds `{pid, host, started_at, run_id}`. A second
-run into the same output is refused with a one-line message naming the holder. A lock
-left by a process that no longer exists on this host is stale and taken over (its run id
-is returned, so the caller can mark that run as killed); a lock held from another host is
-never taken over, since this host cannot tell whether that process still runs: remove the
-file by hand once you know it does not.
+The lock is created with a conditional create (O_EXCL on a local folder, `If-None-Match: *`
+on S3 and the other object stores fsspec writes conditionally) and holds `{pid, host,
+started_at, run_id}`. A second run into the same output is refused with a one-line message
+naming the holder. A lock left by a process that no longer exists on this host is stale and
+taken over (its run id is returned, so the caller can mark that run as killed); a lock held
+from another host is never taken over, since this host cannot tell whether that process
+still runs: remove it by hand once you know it does not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vitlens.errors import UserError
+from vitlens.store.storage import Storage, open_storage
 
 LOCK_NAME = "_lock.json"
 
@@ -48,10 +50,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def read_lock(root: str | Path) -> LockHolder | None:
+def read_lock(root: str | Path | Storage) -> LockHolder | None:
     """The holder named by `root`'s lock file, or None without one (or an unreadable one)."""
+    storage = root if isinstance(root, Storage) else open_storage(root)
     try:
-        payload = json.loads((Path(root) / LOCK_NAME).read_text())
+        payload = json.loads(storage.read_bytes(LOCK_NAME))
         return LockHolder(int(payload["pid"]), str(payload["host"]), str(payload["started_at"]), str(payload["run_id"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -64,8 +67,9 @@ class OutputLock:
     Raises UserError when another live process (or another host) holds the folder.
     """
 
-    def __init__(self, root: str | Path, run_id: str) -> None:
-        self.path = Path(root) / LOCK_NAME
+    def __init__(self, root: str | Path | Storage, run_id: str) -> None:
+        self.storage = root if isinstance(root, Storage) else open_storage(root)
+        self.path = self.storage.url(LOCK_NAME)
         self.holder = LockHolder(
             os.getpid(), socket.gethostname(),
             datetime.now(timezone.utc).replace(microsecond=0).isoformat(), run_id,
@@ -73,50 +77,49 @@ class OutputLock:
         self.taken_over: LockHolder | None = None
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(self.holder), handle, sort_keys=True)
-        return True
+        return self.storage.create_exclusive(json.dumps(asdict(self.holder), sort_keys=True).encode(), LOCK_NAME)
 
     def acquire(self) -> "OutputLock":
         """Take the lock (or a stale one), else raise UserError naming its holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        where = self.storage.root
         for _ in range(3):
             if self._create():
                 return self
-            holder = read_lock(self.path.parent)
+            holder = read_lock(self.storage)
             if holder is None:  # half-written or garbage: only a crashed writer leaves that
                 self._discard()
                 continue
             if holder.host != self.holder.host:
                 raise UserError(
-                    f"output {self.path.parent} is locked by {holder.describe()}; if that run is over, "
+                    f"output {where} is locked by {holder.describe()}; if that run is over, "
                     f"delete {self.path}"
                 )
             if _process_exists(holder.pid):
                 raise UserError(
-                    f"output {self.path.parent} is in use by {holder.describe()}; wait for it or use another output"
+                    f"output {where} is in use by {holder.describe()}; wait for it or use another output"
                 )
             self.taken_over = holder
             self._discard()
-        raise UserError(f"output {self.path.parent}: could not take the lock {self.path}")
+        raise UserError(f"output {where}: could not take the lock {self.path}")
 
     def _discard(self) -> None:
-        """Remove the current lock file by renaming it away first (two takers cannot both win)."""
-        grave = self.path.with_name(f".{LOCK_NAME}.{uuid.uuid4().hex}.stale")
+        """Remove the current lock: locally by renaming it away first (two takers cannot both
+        win); on an object store by deleting it (the conditional create decides the winner)."""
+        if not self.storage.renames:
+            self.storage.delete(LOCK_NAME)
+            return
+        path = self.storage.local_path(LOCK_NAME)
+        grave = path.with_name(f".{LOCK_NAME}.{uuid.uuid4().hex}.stale")
         try:
-            os.replace(self.path, grave)
+            os.replace(path, grave)
         except FileNotFoundError:
             return
         grave.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
-        if read_lock(self.path.parent) == self.holder:
-            self.path.unlink(missing_ok=True)
+        if read_lock(self.storage) == self.holder:
+            self.storage.delete(LOCK_NAME)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from vitlens.settings import DETAILS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -89,7 +89,7 @@ REJECTS = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
         pa.field("image_key", pa.string()),  # null when the whole shard failed
-        pa.field("stage", pa.string(), nullable=False),  # decode (a sample) | read | analysis (a shard)
+        pa.field("stage", pa.string(), nullable=False),  # decode | label (v6) (a sample) | read | analysis (a shard)
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
@@ -115,6 +115,9 @@ RUNS = pa.schema(
         # v5: JSON {experiment: {variant: seconds of its device step summed over this run's
         # shards and actors}}, with "probe_fit": the linear probes' training pass and solve
         pa.field("experiment_seconds", pa.string()),
+        # v6: JSON {stage: {variant: samples}} of the samples this run's shards rejected and
+        # skipped (stage decode | label; the rows are in `rejects`); null before v6
+        pa.field("samples_rejected", pa.string()),
     ]
 )
 
