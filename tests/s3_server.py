@@ -17,7 +17,8 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -27,7 +28,7 @@ def _free_port() -> int:
 def s3_server(bucket: str) -> Iterator[dict[str, str]]:
     """Run a moto S3 server holding an empty `bucket`; yields the environment that points
     S3 clients at it (endpoint and dummy credentials). Stops the server on exit."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -9,7 +9,10 @@ byte and a cut file are found by `vitlens verify` and redone by a re-run.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +20,7 @@ from typing import Iterator
 import pytest
 import ray
 
-from tests.s3_server import s3_server
+from tests.s3_server import free_port, s3_server
 from vitlens.cli import main as cli_main
 from vitlens.data.manifest import verify_shards
 from vitlens.errors import UserError
@@ -133,6 +136,13 @@ def test_results_on_s3_equal_a_local_run_with_a_writer_killed_before_its_marker(
     out = capsys.readouterr().out
     assert ", 0 damaged" in out and f"{len(found.unreferenced)} object(s) named by no marker" in out
 
+    # --clean deletes the dead writer's objects (holding the lock), and nothing a reader reads
+    assert cli_main(["verify", root, "--no-progress", "--clean"]) == 0
+    assert f"deleted {len(found.unreferenced)} object(s) named by no marker" in capsys.readouterr().out
+    cleaned = committed_files(open_storage(root))
+    assert cleaned.unreferenced == [] and cleaned.files == found.files
+    assert rows(root) == local_run[1]
+
     # a re-run has nothing to do, and a run whose manifest is gone from the bucket is refused in one line
     assert cli_main(["run", str(spec), "--no-progress"]) == 0
     assert "0 shard×variant done, 2 skipped (done before), 0 failed" in capsys.readouterr().out
@@ -206,3 +216,17 @@ def test_verify_finds_a_flipped_byte_and_a_cut_file_and_a_rerun_redoes_them(
     assert cli_main(["verify", str(results), "--no-progress"]) == 0
     assert rows(results) == local_run[1]
 
+
+
+def test_an_unreachable_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """No endpoint answers: `vitlens query` on results there and `vitlens run` with a manifest
+    there fail in one line naming the URL (exit 2), not with a botocore traceback."""
+    env = {**os.environ, "HOME": str(tmp_path), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"}
+    spec = write_job(tmp_path, str(tmp_path / "out"), "s3://nobucket/shards")
+    for args, says in ((["query", "table1_identifiability", "--results", "s3://nobucket/r"], "s3://nobucket/r: cannot list it"),
+                       (["run", str(spec), "--no-progress"], "unreadable shard manifest s3://nobucket/shards/manifest.json")):
+        done = subprocess.run([sys.executable, "-m", "vitlens", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

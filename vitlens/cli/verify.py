@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 
 from tqdm import tqdm
 
 from vitlens.errors import UserError
 from vitlens.store.committed import committed_files, damaged_shards, verify
-from vitlens.store.storage import open_storage
+from vitlens.store.layout import clean_temporaries
+from vitlens.store.lock import OutputLock
+from vitlens.store.storage import Storage, open_storage
 
 #: Exit code when some committed file is damaged (a partial result).
 EXIT_DAMAGED = 3
@@ -23,15 +26,19 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description=(
             "Reads every file the result set's done-markers commit and compares its size and sha256 with "
             "what was recorded when it was written. Prints one line per damaged file (missing, cut, or "
-            "changed) and exits 3 when there is any, else 0; never writes. `vitlens run` on the same job "
-            "redoes the shards whose files are damaged."
+            "changed) and exits 3 when there is any, else 0; writes nothing unless --clean. `vitlens run` on "
+            "the same job redoes the shards whose files are damaged."
         ),
-        epilog="examples:\n  vitlens verify demo-out/results\n  vitlens verify s3://bucket/results --sizes-only",
+        epilog="examples:\n  vitlens verify demo-out/results\n  vitlens verify s3://bucket/results --sizes-only\n"
+               "  vitlens verify s3://bucket/results --clean",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("results", help="the results a job wrote: a folder or an object-store URL")
     parser.add_argument("--sizes-only", action="store_true", help="compare sizes only (no file is read)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--clean", action="store_true",
+                        help="also delete what no done-marker names (objects of interrupted or retried writes, "
+                             "temporaries), holding the output's lock: refused while a run writes there")
     parser.set_defaults(func=_verify)
 
 
@@ -59,4 +66,18 @@ def _verify(args: argparse.Namespace) -> int:
              "markers recorded them)" if unchecked else "")
           + (f"; {len(found.unreferenced)} object(s) named by no marker (interrupted writes; never read)"
              if found.unreferenced else ""))
+    if args.clean:
+        _clean(storage)
     return EXIT_DAMAGED if damage else 0
+
+
+def _clean(storage: Storage) -> None:
+    """Delete the objects no marker names and local temporaries, under the output's lock (so
+    no run is between its data objects and its marker); listed again once the lock is held."""
+    with OutputLock(storage, f"verify-clean-{uuid.uuid4().hex[:8]}"):
+        found = committed_files(storage)
+        size = sum(found.listing[key] for key in found.unreferenced)
+        storage.delete_many(found.unreferenced)
+        temporaries = clean_temporaries(storage)
+    print(f"{storage.root}: deleted {len(found.unreferenced)} object(s) named by no marker ({size / 1e6:.1f} MB)"
+          + (f" and {temporaries} temporary file(s)" if temporaries else ""))

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import IO
+from contextlib import contextmanager
+from typing import IO, Iterator
 
 from vitlens.errors import UserError, one_line_reason
 
@@ -35,12 +36,25 @@ def _fsspec_fs(url: str):  # -> (fsspec.AbstractFileSystem, path)
                         "`pip install 'vitlens[s3]'`, gs:// 'vitlens[gcs]', az:// 'vitlens[azure]')") from None
 
 
+@contextmanager
+def _as_os_error() -> Iterator[None]:
+    """Object-store client errors (credentials, network, botocore's own types) as OSError,
+    so callers handle them like a file that cannot be read; FileNotFoundError stays itself."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        raise OSError(one_line_reason(err)) from err
+
+
 def open_binary(url: str) -> IO[bytes]:
     """A binary stream of `url`'s bytes (the caller closes it); raises OSError (e.g.
     FileNotFoundError) when it cannot be opened, UserError for an unknown scheme."""
     if is_object_url(url):
         fs, path = _fsspec_fs(url)
-        return fs.open(path, "rb", block_size=1 << 22)
+        with _as_os_error():
+            return fs.open(path, "rb", block_size=1 << 22)
     import webdataset  # imports torch: only where a shard is read, never in the driver
 
     return webdataset.gopen(url, "rb")
@@ -50,7 +64,8 @@ def read_bytes(url: str) -> bytes:
     """All bytes of `url` (a small file: a manifest, a JSON)."""
     if is_object_url(url):
         fs, path = _fsspec_fs(url)
-        return fs.cat_file(path)
+        with _as_os_error():
+            return fs.cat_file(path)
     with open_binary(url) as stream:
         return stream.read()
 

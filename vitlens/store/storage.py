@@ -165,7 +165,7 @@ class Storage:
                 self.fs, self._base = fsspec.core.url_to_fs(root)
             except (ImportError, ValueError) as err:
                 protocol = root.split("://", 1)[0]
-                raise UserError(f"output {root}: no file system for {protocol}:// ({one_line_reason(err)}; "
+                raise UserError(f"{root}: no file system for {protocol}:// ({one_line_reason(err)}; "
                                 "s3:// needs `pip install 'vitlens[s3]'`, gs:// 'vitlens[gcs]', az:// 'vitlens[azure]')") from None
             self._base = self._base.rstrip("/")
 
@@ -243,6 +243,8 @@ class Storage:
             listed = self.fs.find(start, detail=True)
         except FileNotFoundError:
             return {}
+        except Exception as err:  # credentials, network, permissions: one line, not a traceback
+            raise UserError(f"{self.root}: cannot list it ({one_line_reason(err)})") from None
         cut = len(self._base) + 1
         return {path[cut:]: int(info.get("size") or 0) for path, info in listed.items()
                 if info.get("type", "file") == "file"}
