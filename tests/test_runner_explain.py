@@ -176,6 +176,7 @@ def test_an_explain_only_result_set_opens_and_answers_the_auc_query(results: Pat
 
 
 def test_adding_explain_to_a_finished_job_runs_only_explain(shards: Path, tmp_path: Path) -> None:
+    import hashlib
     import json
 
     from vitlens.runner.plan import WorkQueue
@@ -191,6 +192,8 @@ def test_adding_explain_to_a_finished_job_runs_only_explain(shards: Path, tmp_pa
             processor.process(url, shard_stem(url))
     tokens_files = sorted(tmp_path.glob("table=tokens/*/*/*.parquet"))
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tokens_files}
+    legacy = done_marker(tmp_path, VARIANT, shard_stem(urls[0]))  # as vitlens 0.1 wrote it: no `files`
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items() if k != "files"}))
 
     second = JobSpec(name="t", output=str(tmp_path), variants=first.variants, data=first.data,
                      experiments=("baseline", "explain"), batch_size=8, resources=first.resources)
@@ -205,5 +208,12 @@ def test_adding_explain_to_a_finished_job_runs_only_explain(shards: Path, tmp_pa
     for variant in second.variants:  # GAP: explain does not apply, and counts as done
         marker = json.loads(done_marker(tmp_path, variant, shard_stem(urls[0])).read_text())
         assert marker["experiments"] == ["baseline", "explain"]
+        # every file of the shard is named with its size and sha256, the old marker's kept ones too
+        folder = f"variant={variant}"
+        on_disk = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob(f"table=*/{folder}/*/{shard_stem(urls[0])}.parquet"))
+        assert sorted(marker["files"]) == on_disk and any("experiment=baseline" in k for k in on_disk)
+        for key, entry in marker["files"].items():
+            data = (tmp_path / key).read_bytes()
+            assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, key
     again = WorkQueue.build(second.output, second.variants, urls, second.experiments, max_attempts=1)
     assert again.total() == 0
