@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,3 +186,38 @@ def test_the_driver_never_imports_torch(tmp_path: Path, shards: Path) -> None:
     bad = run_cli(["run", str(tmp_path / "bad.toml")])
     assert bad.returncode == 2 and "'resources.max_actors' must be an integer >= 1, not 1.5" in bad.stderr
     assert time.perf_counter() - started < 8
+
+
+def test_takers_racing_for_a_stale_lock_one_wins(tmp_path: Path) -> None:
+    """Runs started together on an output whose lock a dead process left: exactly one takes it
+    over (and only it reports the dead run as taken over); the others are refused, naming it.
+    Several rounds of 8 threads, so an unlucky interleaving has many chances to show."""
+    dead = _dead_pid()
+    for round_ in range(6):
+        root = tmp_path / f"round{round_}"
+        root.mkdir()
+        (root / LOCK_NAME).write_text(json.dumps(
+            {"pid": dead, "host": socket.gethostname(), "started_at": "2026-12-01T00:00:00+00:00", "run_id": "DEAD"}))
+        start = threading.Barrier(8)
+        outcomes: list[tuple[str, str, object]] = []
+
+        def take(run_id: str) -> None:
+            lock = OutputLock(root, run_id)
+            start.wait()
+            try:
+                lock.acquire()
+                outcomes.append(("won", run_id, lock.taken_over))
+            except UserError as err:
+                outcomes.append(("lost", run_id, str(err)))
+
+        threads = [threading.Thread(target=take, args=(f"T{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        winners = [o for o in outcomes if o[0] == "won"]
+        assert len(winners) == 1, (round_, outcomes)
+        [(_, winner, taken_over)] = winners
+        assert read_lock(root).run_id == winner and taken_over is not None and taken_over.run_id == "DEAD"
+        assert all(f"(run {winner})" in str(o[2]) for o in outcomes if o[0] == "lost"), outcomes
+        assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME], "no takeover marker or temporary left behind"

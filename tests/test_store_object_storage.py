@@ -9,8 +9,10 @@ byte and a cut file are found by `vitlens verify` and redone by a re-run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +31,8 @@ from vitlens.runner.actors import INJECT_DEATH_BEFORE_MARKER_ENV
 from vitlens.runner.driver import run_job
 from vitlens.runner.spec import load_job_spec
 from vitlens.store.committed import committed_files
-from vitlens.store.lock import OutputLock
-from vitlens.store.storage import open_storage
+from vitlens.store.lock import LOCK_NAME, OutputLock, read_lock
+from vitlens.store.storage import Storage, open_storage
 
 pytestmark = pytest.mark.slow
 VARIANT = "shapes_vit_p16"
@@ -152,15 +154,16 @@ def test_results_on_s3_equal_a_local_run_with_a_writer_killed_before_its_marker(
 
 
 def test_two_runs_racing_for_the_lock_on_s3_one_wins(tmp_path: Path, shards: Path, s3, capsys) -> None:
-    """The lock is a conditional create: of many simultaneous takers exactly one gets it, and
-    `vitlens run` on a locked output is refused (exit 2) without writing anything."""
+    """The lock is a conditional create: of many simultaneous takers exactly one gets it (also
+    of a dead process's lock, which exactly one replaces), and `vitlens run` on a locked output
+    is refused (exit 2) without writing anything."""
     root = f"s3://{BUCKET}/raced"
     storage = open_storage(root)
     start = threading.Barrier(6)
     outcomes: list[str] = []
 
-    def take(run_id: str) -> None:
-        lock = OutputLock(storage, run_id)
+    def take(where: Storage, run_id: str) -> None:
+        lock = OutputLock(where, run_id)
         start.wait()
         try:
             lock.acquire()
@@ -168,15 +171,29 @@ def test_two_runs_racing_for_the_lock_on_s3_one_wins(tmp_path: Path, shards: Pat
         except UserError as err:
             outcomes.append(f"lost: {err}")
 
-    threads = [threading.Thread(target=take, args=(f"run-{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    winners = [o for o in outcomes if o.startswith("won")]
-    assert len(winners) == 1, outcomes
-    winner = winners[0].split()[1]
-    assert all(f"(run {winner})" in o for o in outcomes if o.startswith("lost")), outcomes
+    def race(where: Storage, prefix: str) -> str:
+        """6 runs take the lock at once: exactly one wins; returns its run id."""
+        outcomes.clear()
+        threads = [threading.Thread(target=take, args=(where, f"{prefix}-{i}")) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        winners = [o for o in outcomes if o.startswith("won")]
+        assert len(winners) == 1, outcomes
+        winner = winners[0].split()[1]
+        assert all(f"(run {winner})" in o for o in outcomes if o.startswith("lost")), outcomes
+        return winner
+
+    winner = race(storage, "run")
+    # a dead process's lock: exactly one of the racers replaces it, nothing else is left there
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_root = open_storage(f"s3://{BUCKET}/stale")
+    stale_root.write_bytes(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "run_id": "DEAD",
+                                       "started_at": "2026-12-01T00:00:00+00:00"}).encode(), LOCK_NAME)
+    replaced = race(stale_root, "stale")
+    assert read_lock(stale_root).run_id == replaced and list(stale_root.list_files()) == [LOCK_NAME]
 
     spec = write_job(tmp_path, root, f"{shards}/manifest.json")
     assert cli_main(["run", str(spec), "--no-progress"]) == 2

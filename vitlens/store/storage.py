@@ -10,8 +10,9 @@ key relative to the root (`table=tokens/variant=v/experiment=e/s.parquet`):
 - streamed writes (`StagedFile`): written while hashing (size + sha256 for the done-marker),
   then committed (local: renamed into place; object store: the upload is completed) or
   aborted (nothing appears);
-- `create_exclusive`: a conditional create (O_EXCL locally, `If-None-Match: *` on S3 via
-  fsspec's `mode="create"`), the primitive of the output lock;
+- `create_exclusive`: a conditional create of a whole object (a hard link, which fails when
+  the name exists, locally; `If-None-Match: *` on S3 via fsspec's `mode="create"`), the
+  primitive of the output lock;
 - listing, reading, deleting, and the fsspec file system itself for DuckDB and PyArrow.
 
 Object stores have no rename, so the commit protocol of the store (`vitlens.store.layout`)
@@ -282,20 +283,35 @@ class Storage:
 
     def create_exclusive(self, data: bytes, key: str) -> bool:
         """Create `key` holding `data` only if it does not exist; False when it does."""
-        if self.renames:
+        if self.renames:  # written aside, then hard-linked into place: it appears whole or not at all
             path = self.local_path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                tmp.write_bytes(data)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            except OSError:  # no hard links on this file system (some FUSE / SMB mounts): O_EXCL
+                return self._create_in_place(path, data)
+            finally:
+                tmp.unlink(missing_ok=True)
             return True
         try:
             self.fs.pipe_file(self.fs_path(key), data, mode="create")
         except FileExistsError:
             return False
+        return True
+
+    @staticmethod
+    def _create_in_place(path: Path, data: bytes) -> bool:
+        """An exclusive create written in place (a reader may see it empty for a moment)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         return True
 
     def delete(self, key: str) -> None:
