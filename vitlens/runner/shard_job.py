@@ -46,15 +46,15 @@ from vitlens.store.layout import (
     marker_bytes,
     marker_files,
     marker_key,
-    read_marker,
     partition_value,
+    read_marker,
     table_key,
 )
-from vitlens.store.storage import FileRecord, open_storage
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
 from vitlens.store.probe_records import probes_table
 from vitlens.store.records import images_table, summary_tables, tokens_table
 from vitlens.store.schema import DETAIL_TIERS, schema_of, to_table
+from vitlens.store.storage import FileRecord, open_storage
 
 #: The experiment that runs the explainability methods instead of the lens (EXPLAIN_EXPERIMENT), and its tables.
 EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
@@ -295,9 +295,7 @@ class ShardProcessor:
             for table in sorted({t for tier in DETAIL_TIERS for t in tables_of(experiment, tier)}):
                 key = table_key(table, self.variant, experiment, stem)
                 if self.storage.exists(key):
-                    size = self.storage.local_path(key).stat().st_size if self.storage.renames else \
-                        int(self.storage.fs.size(self.storage.fs_path(key)))
-                    records.append(FileRecord(key, size, self.storage.sha256(key)))
+                    records.append(FileRecord(key, self.storage.size(key), self.storage.sha256(key)))
         return records
 
     def _analyse(self, batch: Any, experiment: str) -> Any:

@@ -36,8 +36,6 @@ from vitlens.errors import UserError, one_line_reason
 
 #: zstd level of whole-table writes (`write_table`).
 TABLE_ZSTD_LEVEL = 3
-#: URL schemes that are local paths.
-LOCAL_SCHEMES = ("file",)
 
 
 def is_remote(root: str | Path) -> bool:
@@ -199,6 +197,12 @@ class Storage:
             return self.local_path(key).is_file()
         self.fs.invalidate_cache()
         return bool(self.fs.isfile(self.fs_path(key)))
+
+    def size(self, key: str) -> int:
+        """The size in bytes of `key` (FileNotFoundError when it does not exist)."""
+        if self.renames:
+            return self.local_path(key).stat().st_size
+        return int(self.fs.size(self.fs_path(key)))
 
     def read_bytes(self, key: str) -> bytes:
         """The bytes of `key` (FileNotFoundError when it does not exist)."""
