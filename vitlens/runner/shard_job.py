@@ -43,18 +43,16 @@ from vitlens.store.background import BackgroundWriter
 from vitlens.store.layout import (
     NO_EXPERIMENT,
     StagedParquetWriter,
-    marker_bytes,
-    marker_files,
-    marker_key,
-    partition_value,
-    read_marker,
+    commit_marker,
+    earlier_marker,
+    kept_files,
     table_key,
 )
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
 from vitlens.store.probe_records import probes_table
 from vitlens.store.records import images_table, summary_tables, tokens_table
 from vitlens.store.schema import DETAIL_TIERS, schema_of, to_table
-from vitlens.store.storage import FileRecord, open_storage
+from vitlens.store.storage import open_storage
 
 #: The experiment that runs the explainability methods instead of the lens (EXPLAIN_EXPERIMENT), and its tables.
 EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
@@ -252,13 +250,9 @@ class ShardProcessor:
         rows = sum(w.rows for (table, _), w in writers.items()
                    if table in ("tokens", "token_summary", "explain", "probes"))
         seconds.update({experiment: clock.seconds for experiment, clock in clocks.items()})
+        earlier = earlier_marker(self.storage, self.variant, stem, expected_sha256, fresh)
+        carried = sorted(set(earlier.get("experiments", ())) - set(run)) if earlier else []
         # A requested experiment that does not apply to this model (e.g. explain for GAP) counts as done.
-        previous = read_marker(self.storage, self.variant, stem)
-        if previous is not None and (fresh or None not in (expected_sha256, previous.get("sha256"))
-                                     and previous["sha256"] != expected_sha256):
-            previous = None  # damaged files, or other shard bytes under this name: nothing carries over
-        carried = sorted(set(previous.get("experiments", ())) - set(run)) if previous else []
-        files = {record.key: record for record in self._carried_files(previous, carried, stem) + committed}
         done = sorted(set(carried) | set(requested))
         stats = {
             "variant": self.variant, "shard": shard_url, "images": images, "rows": rows,
@@ -270,33 +264,11 @@ class ShardProcessor:
             "experiment_seconds": seconds,  # per experiment (CUDA events on a GPU), and probe_fit
             "peak_device_bytes": max((clock.peak_bytes() for clock in clocks.values()), default=0),
         }
-        marker = {**stats, "files": {key: record.as_json() for key, record in sorted(files.items())}}
         if before_marker is not None:
             before_marker()
-        self.storage.write_bytes(marker_bytes(marker), marker_key(self.variant, stem))
-        replaced = set(marker_files(previous) or {}) - set(files) if previous else set()
-        self.storage.delete_many(sorted(replaced))  # named by no marker now: never read again
+        commit_marker(self.storage, self.variant, stem, stats,
+                      kept_files(self.storage, earlier, carried, self.variant, stem) + committed, earlier)
         return stats
-
-    def _carried_files(self, previous: dict[str, Any] | None, experiments: list[str], stem: str) -> list[FileRecord]:
-        """The files of an earlier marker's `experiments` that this run keeps (not redone).
-
-        A marker written before markers named their files (local result sets of vitlens 0.1)
-        has them under their stable names: they are recorded (size, sha256) as found.
-        """
-        if previous is None or not experiments:
-            return []
-        folders = {f"experiment={partition_value(e)}" for e in experiments}
-        named = marker_files(previous)
-        if named is not None:
-            return [r for key, r in named.items() if key.split("/")[2] in folders and not key.startswith("table=rejects/")]
-        records = []
-        for experiment in experiments:
-            for table in sorted({t for tier in DETAIL_TIERS for t in tables_of(experiment, tier)}):
-                key = table_key(table, self.variant, experiment, stem)
-                if self.storage.exists(key):
-                    records.append(FileRecord(key, self.storage.size(key), self.storage.sha256(key)))
-        return records
 
     def _analyse(self, batch: Any, experiment: str) -> Any:
         """The device step of one lens experiment on one batch: its `LensBatch` (on the device)."""

@@ -136,21 +136,59 @@ def read_marker(root: "str | Path | Storage", variant: str, stem: str) -> dict[s
     return payload if isinstance(payload, dict) else None
 
 
+def earlier_marker(root: "str | Path | Storage", variant: str, stem: str,
+                   sha256: str | None = None, fresh: bool = False) -> dict[str, Any] | None:
+    """The done-marker of (variant, shard) whose files a run may keep: None without a readable
+    one, with `fresh` (its files were found damaged), or when it recorded another checksum
+    than `sha256` (the shard's now): other data under the same name, so all is redone."""
+    if fresh:
+        return None
+    payload = read_marker(root, variant, stem)
+    if payload is None:
+        return None
+    recorded = payload.get("sha256")
+    if sha256 is not None and recorded is not None and recorded != sha256:
+        return None
+    return payload
+
+
 def done_experiments(root: "str | Path | Storage", variant: str, stem: str,
                      sha256: str | None = None) -> frozenset[str]:
     """The experiments whose tables of (variant, shard) were completely written by earlier runs
-    (empty without a marker, or for a marker that lists none).
+    (empty without a marker, for a marker that lists none, or one of other shard bytes)."""
+    payload = earlier_marker(root, variant, stem, sha256)
+    return frozenset(payload.get("experiments", ())) if payload is not None else frozenset()
 
-    With `sha256` (the shard's checksum now), a marker that recorded another checksum counts
-    as none: the shard was replaced by other data under the same name, so all is redone.
+
+def kept_files(storage: Storage, earlier: dict[str, Any] | None, experiments: list[str],
+               variant: str, stem: str) -> list[FileRecord]:
+    """The files of `earlier`'s `experiments` that a run keeps (does not redo); never its
+    per-shard `rejects` file, which every run writes again.
+
+    A marker written before markers named their files (vitlens 0.1: local folders only) has
+    them under their stable names: they are recorded (size, sha256) as found.
     """
-    payload = read_marker(root, variant, stem)
-    if payload is None:
-        return frozenset()
-    recorded = payload.get("sha256")
-    if sha256 is not None and recorded is not None and recorded != sha256:
-        return frozenset()
-    return frozenset(payload.get("experiments", ()))
+    if earlier is None or not experiments:
+        return []
+    folders = {f"experiment={partition_value(e)}" for e in experiments}
+    named = marker_files(earlier)
+    if named is not None:
+        return [r for key, r in named.items() if key.split("/")[2] in folders and not key.startswith("table=rejects/")]
+    root = Path(storage.root)
+    return [FileRecord(key, storage.size(key), storage.sha256(key))
+            for folder in sorted(folders)
+            for key in sorted(p.relative_to(root).as_posix() for p in
+                              root.glob(f"table=*/variant={partition_value(variant)}/{folder}/{stem}.parquet"))]
+
+
+def commit_marker(storage: Storage, variant: str, stem: str, stats: dict[str, Any],
+                  files: list[FileRecord], earlier: dict[str, Any] | None) -> None:
+    """Write the done-marker of (variant, shard), last: `stats` plus every file it commits with
+    its size and sha256; then delete the files `earlier` named that it does not."""
+    named = {record.key: record.as_json() for record in sorted(files, key=lambda r: r.key)}
+    storage.write_bytes(marker_bytes({**stats, "files": named}), marker_key(variant, stem))
+    replaced = set(marker_files(earlier) or {}) - set(named) if earlier is not None else set()
+    storage.delete_many(sorted(replaced))  # named by no marker now: never read again
 
 
 def marker_files(payload: dict[str, Any]) -> dict[str, FileRecord] | None:

@@ -266,14 +266,7 @@ class Storage:
     def write_bytes(self, data: bytes, key: str) -> FileRecord:
         """Write a whole object / file (readers see the old one or the new one, never a part)."""
         if self.renames:
-            path = self.local_path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            self._place_local(data, key, os.replace)
         else:
             self.fs.pipe_file(self.fs_path(key), data)
         return FileRecord(key, len(data), hashlib.sha256(data).hexdigest())
@@ -288,24 +281,30 @@ class Storage:
     def create_exclusive(self, data: bytes, key: str) -> bool:
         """Create `key` holding `data` only if it does not exist; False when it does."""
         if self.renames:  # written aside, then hard-linked into place: it appears whole or not at all
-            path = self.local_path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             try:
-                tmp.write_bytes(data)
-                os.link(tmp, path)
+                self._place_local(data, key, os.link)
             except FileExistsError:
                 return False
             except OSError:  # no hard links on this file system (some FUSE / SMB mounts): O_EXCL
-                return self._create_in_place(path, data)
-            finally:
-                tmp.unlink(missing_ok=True)
+                return self._create_in_place(self.local_path(key), data)
             return True
         try:
             self.fs.pipe_file(self.fs_path(key), data, mode="create")
         except FileExistsError:
             return False
         return True
+
+    def _place_local(self, data: bytes, key: str, place: Any) -> None:
+        """Write `data` to a temporary file beside `key`'s path, then `place(tmp, path)` it
+        (`os.replace`: replace; `os.link`: create, FileExistsError when it exists)."""
+        path = self.local_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            place(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _create_in_place(path: Path, data: bytes) -> bool:
