@@ -313,3 +313,82 @@ def timm_block_outputs(model: torch.nn.Module, x: torch.Tensor, blocks: Iterable
         adapter = adapter_for(model)
         traces = list(adapter.iter_block_traces(adapter.embed(x)))
     return seen["output"], traces
+
+
+# ---- per-head attribution (METHOD §3b) -------------------------------------------------------
+Direction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def layer_norm_direction(norm: torch.nn.Module, rows: Callable[[torch.Tensor], torch.Tensor]) -> Direction:
+    """METHOD §3b's linearised readout by hand for a head path `rows(y) · norm(h)` with one
+    LayerNorm: `u = centred(w ⊙ E_y) / σ(h)` (σ with the norm's eps; no biases).
+
+    # -> direction(resid [B, T, d], labels [B]) -> u [B, T, d]
+    """
+    def direction(resid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        read = norm.weight * rows(labels)  # [B, d]
+        read = read - read.mean(-1, keepdim=True)
+        sigma = (resid.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # [B, T, 1]
+        return read[:, None, :] / sigma
+    return direction
+
+
+def assert_head_attribution_is_exact(
+    adapter: ModelAdapter,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    direction: Direction | None = None,
+    out_projection: Callable[[int], torch.nn.Module] | None = None,
+    tol: float = 1e-4,
+) -> object:
+    """The §3b identities on `x`: the heads' DLAs plus the bias term sum to the attention
+    stream's linearised logit per token; each head's source terms sum to its DLA (and the CLS
+    map to the CLS's DLA); with `direction` (the readout by hand), the attention stream's
+    linearised logit is `attn_out · u`; with `out_projection(b)` (the module whose input holds
+    the heads), zeroing head h's slice there changes that logit by exactly `DLA_h`.
+
+    # x: [B, 3, H, W], labels: [B] -> HeadBatch
+    """
+    from vitlens.lens.heads import head_attribution
+
+    tokens = adapter.anatomy.num_tokens
+    token_label = torch.arange(tokens).remainder(3)[None].expand(x.shape[0], -1).clone()  # context/class/ignore
+    token_label[:, : adapter.anatomy.num_prefix_tokens] = LABEL_PREFIX
+    heads = head_attribution(adapter, x, labels, token_label)
+    present = ~heads.attn_dla.isnan()  # [B, L, T]
+    assert bool(present.any())
+    scale = max(1.0, float(heads.attn_dla[present].abs().max()))
+    total = heads.dla.sum(2) + heads.bias_dla
+    assert float((total - heads.attn_dla)[present].abs().max()) <= tol * scale
+    cover = present[:, :, None].expand_as(heads.dla)
+    assert float((heads.source_dla.sum(-1) - heads.dla)[cover].abs().max()) <= tol * scale
+    assert bool((heads.source_abs.sum(-1)[cover] >= heads.source_dla.sum(-1)[cover].abs() - tol * scale).all())
+    if heads.has_class_token:
+        cls = ~heads.dla[:, :, :, 0].isnan()  # [B, L, H]
+        assert float((heads.cls_source.nansum(-1) - heads.dla[:, :, :, 0])[cls].abs().max()) <= tol * scale
+    if direction is None:
+        return heads
+    with torch.no_grad():
+        traces = list(adapter.iter_block_traces(adapter.embed(x)))
+        for trace in traces:
+            b, span = trace.index - 1, slice(trace.first_token, trace.first_token + trace.attn_out.shape[1])
+            u = direction(trace.resid_post, labels)[:, : trace.attn_out.shape[1]]  # [B, S, d]
+            by_hand = (u * trace.attn_out).sum(-1)
+            assert float((by_hand - heads.attn_dla[:, b, span]).abs().max()) <= tol * scale
+            if out_projection is None:
+                continue
+            width = trace.attn_coefficients.shape[-1] // heads.num_heads
+            for h in range(heads.num_heads):
+                def zero_head(module: torch.nn.Module, args: tuple, h: int = h) -> tuple:
+                    edited = args[0].clone()
+                    edited[..., h * width:(h + 1) * width] = 0
+                    return (edited, *args[1:])
+
+                handle = out_projection(trace.index).register_forward_pre_hook(zero_head)
+                try:
+                    without = adapter.block_forward(trace.index, trace.resid_pre).attn_out
+                finally:
+                    handle.remove()
+                change = (u * (trace.attn_out - without)).sum(-1)  # [B, S]
+                assert float((change - heads.dla[:, b, h, span]).abs().max()) <= tol * scale
+    return heads

@@ -481,3 +481,16 @@ def test_loader_refusals(tmp_path) -> None:
         load_hf_classifier(str(tmp_path / "no_processor"))
     with pytest.raises(UserError, match="cannot load the config of"):
         load_hf_classifier(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_head_attribution_is_exact(models, option: str) -> None:
+    """METHOD §3b on every transformers layout: the heads (and their sources) sum to the
+    attention stream's linearised logit, and zeroing a head at the output projection's input
+    changes it by that head's DLA."""
+    from tests.family_checks import assert_head_attribution_is_exact
+
+    model = models[option]
+    adapter = adapter_for(model)
+    assert_head_attribution_is_exact(adapter, images(), torch.tensor([2, 9]),
+                                     out_projection=lambda b: adapter.layer(b).out)

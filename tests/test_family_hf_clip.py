@@ -507,3 +507,25 @@ def test_data_config_reproduces_the_image_processor(tiny: Tiny) -> None:
                 axis = 1 if size[0] > size[1] else 2
                 assert torch.allclose(rounded.image(image).narrow(axis, 0, 31), exact.narrow(axis, 1, 31), atol=1e-6)
     assert shifted == (0 if tiny.kind == "siglip" else 4)
+
+
+def test_head_attribution(clip: Tiny, siglip: Tiny) -> None:
+    """CLIP: METHOD §3b's identities, the readout by hand (`post_layernorm`, `visual_projection`,
+    the L2 normalisation at the token's own scale) and the head ablation at `out_proj`; SigLIP's
+    attention-pooling head has an MLP, so per-head attribution is skipped with the reason."""
+    from tests.family_checks import assert_head_attribution_is_exact
+
+    wrapper = zero_shot(clip)
+    adapter = adapter_for(wrapper)
+    norm, projection, head = clip.vision.post_layernorm, clip.tower.visual_projection, wrapper.head
+
+    def direction(resid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        read = norm.weight * (head.weight[labels] @ projection.weight)  # [B, d]
+        read = read - read.mean(-1, keepdim=True)
+        sigma = (resid.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        length = projection(norm(resid)).norm(dim=-1, keepdim=True)
+        return read[:, None, :] / sigma / length
+
+    assert_head_attribution_is_exact(adapter, images(), torch.tensor([0, 2]), direction,
+                                     out_projection=lambda b: clip.vision.encoder.layers[b - 1].self_attn.out_proj)
+    assert "MLP" in adapter_for(zero_shot(siglip)).anatomy.skip_reason("heads")

@@ -274,7 +274,7 @@ def test_lens_run_and_cls_branch(cases: dict[str, Case], option: str) -> None:
     perturbed = Lens(case.wrapper, top_k=3).run(case.x, other, attention_perturbation="self_only",
                                                  token_keep=torch.arange(16).repeat(2, 1) % 3 != 0)
     assert torch.isfinite(perturbed.correct_logit[:, last, STREAM_RESID, 0]).all()
-    assert [s for s, _ in adapter.anatomy.skipped] == []
+    assert [s for s, _ in adapter.anatomy.skipped] == (["heads"] if option == "custom_blocks" else [])
     # the generic CLS branch: the block's own CLS attention row gives back its CLS stream
     with torch.no_grad():
         trace = next(adapter.iter_block_traces(adapter.embed(case.x), need_probs=True))
@@ -586,3 +586,38 @@ def test_frozen_final_norm_is_ln_post(cases: dict[str, Case]) -> None:
     live = block_head_importance(case.wrapper, case.x, target)
     assert close(frozen, by_hand) and not close(frozen, live)
     assert type(tower.ln_post) is original.__class__  # restored
+
+
+# ---- per-head attribution (METHOD §3b) ---------------------------------------------------
+@pytest.mark.parametrize("option", DEFAULT_BLOCKS)
+def test_head_attribution_is_exact(cases: dict[str, Case], option: str) -> None:
+    """The heads and their sources sum exactly; with CLS or mean pooling the readout is, by
+    hand, `centred(w ⊙ (proj · W_y)) / σ(h) / ‖proj(ln_post(h))‖` (the L2 normalisation
+    linearised at the token's own scale), and zeroing a head at `out_proj` changes the
+    linearised logit by its DLA."""
+    from tests.family_checks import assert_head_attribution_is_exact
+
+    case = cases[option]
+    tower = case.clip.visual
+    ln_post, head = tower.ln_post, case.wrapper.head
+
+    def direction(resid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        read = ln_post.weight * (tower.proj @ head.weight[labels].T).T  # [B, d]
+        read = read - read.mean(-1, keepdim=True)
+        sigma = (resid.var(-1, unbiased=False, keepdim=True) + ln_post.eps).sqrt()  # [B, T, 1]
+        length = (ln_post(resid) @ tower.proj).norm(dim=-1, keepdim=True)  # [B, T, 1]
+        return read[:, None, :] / sigma / length
+
+    hand = None if tower.attn_pool is not None else direction
+    assert_head_attribution_is_exact(case.adapter, case.x, torch.tensor([1, 4]), hand,
+                                     out_projection=lambda b: tower.transformer.resblocks[b - 1].attn.out_proj)
+
+
+def test_heads_refuse_norms_around_the_merged_heads(cases: dict[str, Case]) -> None:
+    """`ln_attn` (after `out_proj`) makes the block post-norm; `ln_inner` alone is refused too."""
+    assert "post-norm" in cases["custom_blocks"].adapter.anatomy.skip_reason("heads")
+    adapter = cases["custom_blocks"].adapter
+    for block in adapter.tower.transformer.resblocks:
+        assert not isinstance(block.attn.ln_inner, nn.Identity)
+    with pytest.raises(UserError, match="ln_inner"):
+        adapter.attention_heads(1)

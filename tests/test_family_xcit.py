@@ -117,7 +117,8 @@ def test_skipped_experiments_and_refusals_name_their_reason() -> None:
     model = tiny_xcit()
     adapter = adapter_for(model)
     skipped = dict(adapter.anatomy.skipped)
-    assert set(skipped) == set(PERTURBATION_EXPERIMENTS) | {EXPLAIN_EXPERIMENT}
+    assert set(skipped) == set(PERTURBATION_EXPERIMENTS) | {EXPLAIN_EXPERIMENT, "heads"}
+    assert "cross-covariance" in skipped["heads"]
     assert "no token-to-token attention" in skipped["attn_self_only"] == skipped["attn_no_cls"]
     assert "LPI" in skipped["remove_class_tokens"] and "LPI" in skipped["remove_context_tokens"]
     assert all("\n" not in reason for reason in skipped.values())

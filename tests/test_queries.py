@@ -127,7 +127,8 @@ def rate(flags: list[bool]) -> float:
 
 def test_every_query_has_a_title_and_header_naming_its_columns():
     queries = list_queries() + list_queries("stats")
-    assert len(queries) == 20  # 12 lens + 3 explainability (test_queries_explain) + 2 probe results, 3 stats inputs
+    assert len(queries) == 24  # 12 lens + 3 explainability (test_queries_explain) + 2 probe results, 3 stats inputs,
+    # 4 beyond the paper: heads (3, test_runner_heads) and the tuned lens
     for query in queries:
         assert query.title != query.path.stem, query.path
         assert "Columns" in query.header and "Paper" in query.header, query.path

@@ -48,7 +48,7 @@ def _job(output: Path, analysed: Path, training: Path, streams=("resid", "attn",
 def test_probe_spec_needs_training_shards_and_known_streams(tmp_path: Path):
     with pytest.raises(UserError, match="'probe' needs its training shards"):
         JobSpec(name="j", output="o", variants=(VARIANT,), data=DataSpec(manifest="m"), experiments=("probe",))
-    with pytest.raises(UserError, match="no 'probe'"):
+    with pytest.raises(UserError, match="neither 'probe' nor 'tuned'"):
         JobSpec(name="j", output="o", variants=(VARIANT,), data=DataSpec(manifest="m"),
                 probe=ProbeSpec(manifest="t"))
     spec = tmp_path / "job.toml"

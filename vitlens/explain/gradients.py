@@ -27,15 +27,15 @@ Beyond the paper (options, never the default; METHOD §6's verified finding):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import norm as timm_norm
 
 from vitlens.errors import UserError
 from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
 from vitlens.lens.families import adapter_for
+from vitlens.lens.linearise import final_norms, frozen_final_norm
 from vitlens.settings import EXPLAIN_LN, EXPLAIN_LOSSES
 
 GradientSource = Literal["resid", "attn"]
@@ -67,122 +67,6 @@ def check_explain_options(source: str = "resid", ln: str = "live", loss: str = "
         raise UserError(f"unknown ln {ln!r}: use one of {EXPLAIN_LN}")
     if loss not in EXPLAIN_LOSSES:
         raise UserError(f"unknown loss {loss!r}: use one of {EXPLAIN_LOSSES}")
-
-
-# ---- the final norm with its scale detached -------------------------------------------------
-def _norm_dims(norm: torch.nn.Module) -> tuple[int, ...]:
-    """The trailing dimensions a norm normalises over (its `normalized_shape`)."""
-    return tuple(range(-len(norm.normalized_shape), 0))
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half precision computed in float32 (as timm's *Fp32 norms); float32 / float64 as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _frozen_layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm `(x − μ) · [1/√(σ² + ε)] · w + b` with the bracket detached (μ stays live).
-
-    # x: [..., d] -> [..., d]
-    """
-    dims = _norm_dims(norm)
-    h = _upcast(x)
-    centred = h - h.mean(dim=dims, keepdim=True)
-    scale = torch.rsqrt(h.var(dim=dims, unbiased=False, keepdim=True) + norm.eps).detach()
-    out = centred * scale
-    if norm.weight is not None:
-        out = out * norm.weight.to(h.dtype)
-    if norm.bias is not None:
-        out = out + norm.bias.to(h.dtype)
-    return out.to(x.dtype)
-
-
-def _frozen_rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RmsNorm `x · [1/√(mean x² + ε)] · w` with the bracket detached.
-
-    # x: [..., d] -> [..., d]
-    """
-    dims = _norm_dims(norm)
-    h = _upcast(x)
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
-    out = h * torch.rsqrt(h.pow(2).mean(dim=dims, keepdim=True) + eps).detach()
-    if norm.weight is not None:
-        out = out * norm.weight.to(h.dtype)
-    return out.to(x.dtype)
-
-
-def _frozen_simple_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's SimpleNorm `x · [1/√(var x + ε)] · w` (unbiased variance, no centring, as timm)
-    with the bracket detached.
-
-    # x: [..., d] -> [..., d]
-    """
-    dims = _norm_dims(norm)
-    h = _upcast(x)
-    out = h * torch.rsqrt(h.var(dim=dims, keepdim=True) + norm.eps).detach()
-    if norm.weight is not None:
-        out = out * norm.weight.to(h.dtype)
-    return out.to(x.dtype)
-
-
-#: Exact norm class -> its forward with the per-token scale detached.
-FROZEN_NORMS: dict[type, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
-    torch.nn.LayerNorm: _frozen_layer_norm,
-    timm_norm.LayerNorm: _frozen_layer_norm,
-    timm_norm.LayerNormFp32: _frozen_layer_norm,
-    timm_norm.RmsNorm: _frozen_rms_norm,
-    timm_norm.RmsNormFp32: _frozen_rms_norm,
-    timm_norm.SimpleNorm: _frozen_simple_norm,
-    timm_norm.SimpleNormFp32: _frozen_simple_norm,
-}
-if hasattr(torch.nn, "RMSNorm"):
-    FROZEN_NORMS[torch.nn.RMSNorm] = _frozen_rms_norm
-try:  # open_clip's LayerNorms: torch's arithmetic, cast back to the input dtype (optional extra)
-    from open_clip.transformer import LayerNorm as _OpenClipLayerNorm, LayerNormFp32 as _OpenClipLayerNormFp32
-except ImportError:
-    pass
-else:
-    FROZEN_NORMS[_OpenClipLayerNorm] = FROZEN_NORMS[_OpenClipLayerNormFp32] = _frozen_layer_norm
-
-
-def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The head-path norms of `model` that normalise a token, as its family adapter names them
-    (timm: `norm`, `fc_norm`; open_clip: `ln_post`; transformers: the final layernorms);
-    raises `UserError` naming a norm class `ln="frozen"` does not know.
-    """
-    from vitlens.lens.families import adapter_for
-
-    found = []
-    for name, module in adapter_for(model).final_norms():
-        if type(module) not in FROZEN_NORMS:
-            known = sorted({f"{c.__module__}.{c.__name__}" for c in FROZEN_NORMS})
-            raise UserError(f"ln='frozen' cannot detach the scale of model.{name} ({type(module).__name__}): "
-                            f"it knows {', '.join(known)}")
-        found.append((name, module))
-    return found
-
-
-@contextlib.contextmanager
-def frozen_final_norm(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the `with` block, the model's head-path norms (`final_norms`: timm's `model.norm` and
-    `model.fc_norm`, open_clip's `ln_post`, ...) compute the same values with their
-    per-token scale detached (LayerNorm's 1/σ, RmsNorm's 1/rms), so gradients flow through the
-    norm as if the scale were a constant. Swaps the modules' `forward` and restores it on exit;
-    the family adapters are untouched (`adapter.project` calls the modules).
-    """
-    swapped: list[tuple[torch.nn.Module, object]] = []
-    try:
-        for _, module in final_norms(model):
-            frozen = FROZEN_NORMS[type(module)]
-            swapped.append((module, module.__dict__.get("forward")))
-            module.forward = (lambda x, _m=module, _f=frozen: _f(_m, x))  # type: ignore[method-assign]
-        yield
-    finally:
-        for module, previous in reversed(swapped):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous  # type: ignore[method-assign]
 
 
 def block_loss(logits: torch.Tensor, class_index: torch.Tensor, loss: GradientLoss = "ce") -> torch.Tensor:

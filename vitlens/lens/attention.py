@@ -36,6 +36,7 @@ class AttentionResult:
     output: torch.Tensor  # [B, T, d] after the output projection (before LayerScale / post-norm)
     coefficients: torch.Tensor  # [B, T, Ma] the input of the output projection: per-head A·V concatenated
     probs: torch.Tensor | None  # [B, H, T, T] post-softmax (post-mask) attention, when computed
+    values: torch.Tensor | None = None  # [B, H, Tk, hd] what the probabilities weight (per-source attribution)
 
 
 def attend(
@@ -102,4 +103,4 @@ def attention_sublayer(
     if gate is not None:
         coefficients = coefficients * gate
     output = attn.proj_drop(attn.proj(coefficients))
-    return AttentionResult(output=output, coefficients=coefficients, probs=probs)
+    return AttentionResult(output=output, coefficients=coefficients, probs=probs, values=v)

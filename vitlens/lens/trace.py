@@ -29,5 +29,8 @@ class BlockTrace:
     attn_coefficients: torch.Tensor  # [B, S, Ma] input of the attention's output projection
     mlp_coefficients: torch.Tensor  # [B, S, M] the MLP's memory coefficients (lens/mlp.py)
     attn_probs: torch.Tensor | None  # [B, H, S, T'] when computed (perturbation or need_probs)
+    # [B, H, T', hd] the values the probabilities weight (hook_v; heads' source attribution), where
+    # the family exposes them: each head's coefficients are `attn_probs @ attn_values`
+    attn_values: torch.Tensor | None = None
     first_token: int = 0  # position of resid_pre[:, 0] in the full sequence
     sublayer_tokens: int | None = None  # S: sub-layer streams cover positions first_token .. first_token+S-1

@@ -27,7 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from vitlens.report import statistics
-from vitlens.report.figures import FIGURES, draw_figure
+from vitlens.report.figures import FIGURES, HEATMAPS, draw_figure, draw_heatmap
 from vitlens.report.html import render_html, render_markdown
 from vitlens.report.provenance import write_provenance
 from vitlens.report.queries import find_query, list_queries, run_query
@@ -70,6 +70,8 @@ REPORT_ORDER: tuple[str, ...] = (
     "explain_importance_by_block", "explain_deletion_curves", "explain_auc",
     # paper §8 (linear probes, experiment `probe`)
     "probe_accuracy_by_block", "probe_time",
+    # beyond the paper: per-head attribution (METHOD §3b, `heads`) and the tuned lens (§7b, `tuned`)
+    "heads_by_block", "heads_top_by_class", "head_source_shares", "tuned_vs_logit_by_block",
 )
 
 #: Extra sections every report gets: append a `SectionBuilder` (called with a `ReportContext`).
@@ -105,9 +107,13 @@ def _query_section(con, name: str, out: Path) -> tuple[Section, list[Path], list
     figures = []
     figure_file = None
     spec = next((f for f in FIGURES if f.query == name), None)
+    heatmap = next((f for f in HEATMAPS if f.query == name), None)
     if spec is not None:
         figures.append(draw_figure(spec, result, out / "figures" / f"{spec.name}.png", empty_reason(name)))
         figure_file = f"figures/{spec.name}.png"
+    elif heatmap is not None:
+        figures.append(draw_heatmap(heatmap, result, out / "figures" / f"{heatmap.name}.png", empty_reason(name)))
+        figure_file = f"figures/{heatmap.name}.png"
     test_title = test_table = test_file = None
     if name in TESTS:
         test_title, stats_query, test = TESTS[name]

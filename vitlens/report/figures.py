@@ -12,12 +12,17 @@ Styles, the same in every figure:
 - line styles: solid = trained weights, dashed = the random-weight twin (a variant named
   NAME@random, or a `twin` series holding the twin's values); a `secondary` series of the
   same variant (misclassified images, the lens beside the probe) is dotted (dash-dot for a
-  twin's) with square markers. The legend names every line with its own handle and adds
+  twin's) with square markers; a `tertiary` one (a third quantity: the probes beside the tuned
+  and logit lenses) is dash-dot-dotted with triangle markers. The legend names every line with its own handle and adds
   "dashed = random-weight twin" / "dotted = ..." whenever such lines are drawn.
 - size: at most `MAX_WIDTH_IN` inches at `DPI` (= the HTML page's 1200 px), so the page shows
   the PNG unscaled, with fonts of at least `MIN_FONT_PT` pt; the legend sits below the panels.
 
 An empty result draws one panel carrying the section's reason (`empty_reason`).
+
+Heatmaps (`HeatmapSpec`, `draw_heatmap`): one panel per value of `panel_by` (a variant beside
+its @random twin), `y` down and `x` across, a diverging colour map centred on 0 (blue < 0 <
+red, symmetric limits per panel, so a head writing against the class shows as blue).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ FONTS = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.lab
 
 #: Series roles: `main` (solid; dashed for a NAME@random line), `twin` (the twin's values in
 #: the trained variant's row: dashed), `secondary` (a second quantity of the same line: dotted).
-ROLES: tuple[str, ...] = ("main", "twin", "secondary")
+ROLES: tuple[str, ...] = ("main", "twin", "secondary", "tertiary")
 TWIN_NOTE = "dashed = random-weight twin (NAME@random)"
 
 
@@ -117,7 +122,81 @@ FIGURES: tuple[FigureSpec, ...] = (
                "image tokens", ("stream",),
                (("probe_acc_pct", "main", " probe"), ("lens_id_rate_pct", "secondary", " lens")),
                "% image tokens with the true class top-1", only=(("token_kind", "image"),)),
+    FigureSpec("tuned_vs_logit_by_block", "tuned_vs_logit_by_block",
+               "Tuned lens (solid, ridge-fitted affine maps; not Belrose et al.'s KL-trained lens) vs the "
+               "logit lens (dotted) and the residual-stream probes (dash-dot-dot)", ("token_kind",),
+               (("tuned_id_rate_pct", "main", " tuned"), ("lens_id_rate_pct", "secondary", " logit lens"),
+                ("probe_acc_pct", "tertiary", " probe")),
+               "% tokens with the true class top-1"),
 )
+
+
+@dataclass(frozen=True)
+class HeatmapSpec:
+    """How to draw one query's result as heatmaps: one panel per `panel_by` value, `y` rows
+    (top to bottom) by `x` columns, coloured by `value`; `only` filters rows first."""
+
+    name: str
+    query: str
+    title: str
+    panel_by: tuple[str, ...]
+    x: str
+    y: str
+    value: str
+    colorbar: str
+    only: tuple[tuple[str, str], ...] = ()
+
+
+HEATMAPS: tuple[HeatmapSpec, ...] = (
+    HeatmapSpec("heads_by_block", "heads_by_block",
+                "Heads: mean direct logit attribution of the true class (METHOD §3b), per block and head",
+                ("variant", "token_kind"), "head", "block", "mean_dla", "mean DLA (logit units)"),
+)
+
+
+def draw_heatmap(spec: HeatmapSpec, result: pa.Table, path: Path, empty_reason: str | None = None) -> Path:
+    """Draw `spec` from its query's result into the PNG `path` (an empty result: one panel
+    with `empty_reason`).
+
+    # result rows: (panel_by..., x, y, value) -> one [y, x] grid per panel
+    """
+    frame = pl.from_arrow(result)
+    for column, value in spec.only:
+        if len(frame):
+            frame = frame.filter(pl.col(column) == value)
+    panels = frame.select(spec.panel_by).unique().sort(spec.panel_by).rows() if len(frame) else []
+    with plt.rc_context(FONTS):
+        ncols = max(1, min(len(panels), int(MAX_WIDTH_IN // 2.8)))
+        nrows = max(1, -(-len(panels) // ncols))
+        width = min(MAX_WIDTH_IN, PANEL_WIDTH_IN * ncols + 0.8)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width, PANEL_HEIGHT_IN * nrows + 0.9), squeeze=False)
+        for ax, values in zip(axes.flat, panels):
+            rows = frame.filter(pl.all_horizontal([pl.col(c) == v for c, v in zip(spec.panel_by, values)]))
+            xs, ys = sorted(rows[spec.x].unique().to_list()), sorted(rows[spec.y].unique().to_list())
+            grid = [[float("nan")] * len(xs) for _ in ys]
+            for x, y, v in rows.select(spec.x, spec.y, spec.value).iter_rows():
+                grid[ys.index(y)][xs.index(x)] = float("nan") if v is None else v
+            limit = max((abs(v) for row in grid for v in row if v == v), default=1.0) or 1.0
+            image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+            ax.set_xlabel(spec.x)
+            ax.set_ylabel(spec.y)
+            ax.set_title(", ".join(str(v) for v in values))
+            fig.colorbar(image, ax=ax, label=spec.colorbar, shrink=0.85)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_axis_off()
+        if not panels:
+            ax = axes[0][0]
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, textwrap.fill(f"No rows: {empty_reason or 'no rows in this result set'}", 40),
+                    ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle(textwrap.fill(spec.title, int(width * 72 / (0.55 * FONTS["figure.titlesize"]))))
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _panels(spec: FigureSpec, frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame, tuple]]:
@@ -150,10 +229,12 @@ def colours(values: list[str], twins_share: bool = True) -> dict[str, str]:
     return {v: PALETTE[bases.index(base(v)) % len(PALETTE)] for v in values}
 
 
-def line_style(role: str, twin: bool) -> tuple[str, str]:
+def line_style(role: str, twin: bool) -> tuple[object, str]:
     """(line style, marker) of a series role for a trained line or a twin's (`twin`)."""
     if role == "secondary":
         return ("-." if twin else ":"), "s"
+    if role == "tertiary":
+        return ("--" if twin else (0, (5, 1, 1, 1, 1, 1))), "^"
     return ("--" if twin or role == "twin" else "-"), "o"
 
 
@@ -167,6 +248,10 @@ def _note_handles(roles_drawn: set[tuple[str, bool]], spec: FigureSpec) -> dict[
         notes[f"dotted = {secondary}"] = Line2D([], [], color="0.3", linestyle=":", marker="s")
     if ("secondary", True) in roles_drawn:
         notes[f"dash-dot = {secondary}, random-weight twin"] = Line2D([], [], color="0.3", linestyle="-.", marker="s")
+    tertiary = next((suffix.strip() for _, role, suffix in spec.series if role == "tertiary"), "")
+    if ("tertiary", False) in roles_drawn:
+        notes[f"dash-dot-dot = {tertiary}"] = Line2D([], [], color="0.3", linestyle=(0, (5, 1, 1, 1, 1, 1)),
+                                                     marker="^")
     return notes
 
 

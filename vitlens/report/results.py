@@ -101,7 +101,16 @@ DERIVED_VIEWS: dict[str, str] = {
                    AND p.token = r.token AND p.block = r.block - 1 AND p.stream = 'resid'
         WHERE r.stream = 'resid' AND r.block >= 1
         GROUP BY r.variant, r.experiment, r.image_key, r.block, r.token_kind, r.label""",
+    "head_summary": """
+        SELECT image_key, block, head, token_kind, label,
+               count(*)::INTEGER AS tokens,
+               sum(dla)::DOUBLE AS dla_sum,
+               variant, experiment
+        FROM heads
+        GROUP BY variant, experiment, image_key, block, head, token_kind, label""",
 }
+#: The stored table each derived view sums (the tokens tier's rows).
+DERIVED_FROM: dict[str, str] = {"token_summary": "tokens", "residual_match": "tokens", "head_summary": "heads"}
 
 
 def result_files(results_dir: str | Path) -> ResultFiles:
@@ -136,8 +145,8 @@ def open_results(results_dir: str | Path | ResultFiles) -> duckdb.DuckDBPyConnec
         else:
             con.register(f"_empty_{table}", _empty_table(table))
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
-    if files["tokens"]:
-        for table, derived in DERIVED_VIEWS.items():
+    for table, derived in DERIVED_VIEWS.items():
+        if files[DERIVED_FROM[table]]:
             con.execute(view_sql(files[table], table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
                         if files[table] else
                         f"CREATE OR REPLACE VIEW _stored_{table} AS SELECT * FROM _empty_{table}")

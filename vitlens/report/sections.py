@@ -85,6 +85,8 @@ BASELINE = "experiment 'baseline' not run"
 TWIN = "no trained/random pair: add NAME@random to variants (beside NAME)"
 EXPLAIN = "experiment 'explain' not run"
 PROBE = "experiment 'probe' not run"
+HEADS = "experiment 'heads' not run (or the family skips it: see `vitlens models check`)"
+TUNED = "experiment 'tuned' not run"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,12 @@ REQUIREMENTS: dict[str, Requirement] = {
     "probe_time": Requirement(
         f"{PROBE} (or its runs predate schema v5 and recorded no experiment_seconds)",
         {"lens_seconds": f"{BASELINE} in the probing run: no lens seconds to compare"}),
+    "heads_by_block": Requirement(HEADS),
+    "heads_top_by_class": Requirement(f"{HEADS} (or no images rows)"),
+    "head_source_shares": Requirement(HEADS),
+    "tuned_vs_logit_by_block": Requirement(
+        TUNED, {"lens_id_rate_pct": f"{BASELINE}: no logit-lens rate to compare",
+                "probe_acc_pct": f"{PROBE}: no probe accuracy to compare"}),
 }
 
 #: The sentence for a query that is not in `REQUIREMENTS` (tests keep every query in it).

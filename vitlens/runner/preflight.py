@@ -13,7 +13,7 @@ from pathlib import Path
 from vitlens.data.manifest import is_local, local_path, shard_entries
 from vitlens.data.sample_format import split_member_name
 from vitlens.errors import UserError, one_line_reason
-from vitlens.runner.spec import DataSpec, JobSpec
+from vitlens.runner.spec import TRAINED_EXPERIMENTS, DataSpec, JobSpec
 from vitlens.store.layout import shard_ids
 
 
@@ -50,9 +50,10 @@ def job_shards(job: JobSpec) -> list[JobShard]:
 
 
 def probe_shards(job: JobSpec) -> list[JobShard]:
-    """The training shards of the `probe` experiment ([probe]; empty when it does not run)."""
+    """The training shards of the `probe` and `tuned` experiments ([probe]; empty when neither runs)."""
     data = job.probe.data
-    return data_shards(data, "probe") if "probe" in job.experiments and data is not None else []
+    trained = any(e in job.experiments for e in TRAINED_EXPERIMENTS)
+    return data_shards(data, "probe") if trained and data is not None else []
 
 
 def sample_keys(path: Path) -> set[str]:

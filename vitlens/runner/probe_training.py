@@ -19,15 +19,16 @@ from vitlens.data.geometry import EvalGeometry
 from vitlens.data.loader import shard_batches
 from vitlens.data.manifest import shard_entries
 from vitlens.errors import UserError
-from vitlens.probe import FittedProbes, fit_probes
+from vitlens.probe import FittedProbes, TunedLens, fit_probes, fit_tuned_lens
 from vitlens.runner.spec import JobSpec
 
 
 @dataclass(frozen=True)
-class TrainedProbes:
-    """Fitted probes with what the analysed shards are checked against."""
+class Trained:
+    """What one training pass fitted (the probes or the tuned lens), with what the analysed
+    shards are checked against."""
 
-    probes: FittedProbes
+    fitted: FittedProbes | TunedLens
     train_keys: frozenset[str]  # every training image key read (used or not)
     seconds: float  # the training pass and the solve
 
@@ -42,46 +43,62 @@ def _training_shards(job: JobSpec) -> list[tuple[str, int | None, str | None]]:
     return [(url, None, None) for url in data.shards]
 
 
-def train_probes(
+def _training_batches(
+    job: JobSpec, model: torch.nn.Module, geometry: EvalGeometry, token_cell: tuple[int, int],
+    num_prefix_tokens: int, device: torch.device, keys: set[str],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The [probe] training shards' batches on `device`, every key read added to `keys`.
+
+    Rejected training samples are skipped: those that do not decode, and those whose
+    `class_index` is no class of `model` (stage `label`: the ridge targets need a class
+    below `model.num_classes`); they are not written anywhere (the `rejects` table holds
+    the analysed shards' samples). A damaged training shard raises its `ShardReadError`
+    (the analysed shard that needed the fit fails).
+
+    # -> (images [B, 3, H, W], labels [B] int64) per batch
+    """
+    for url, samples, sha256 in _training_shards(job):
+        for batch in shard_batches(url, geometry, job.batch_size, token_cell, num_prefix_tokens,
+                                   on_reject=lambda shard, key, reason, stage: None,
+                                   expected_samples=samples, expected_sha256=sha256,
+                                   workers=job.resources.workers, pin_memory=device.type == "cuda",
+                                   num_classes=model.num_classes):
+            keys.update(batch.keys)
+            yield batch.images.to(device, non_blocking=True), batch.class_index.to(device)
+
+
+def train(
+    experiment: str,
     job: JobSpec,
     model: torch.nn.Module,
     geometry: EvalGeometry,
     token_cell: tuple[int, int],
     num_prefix_tokens: int,
     device: torch.device,
-) -> TrainedProbes:
-    """Stream the job's [probe] training shards through `model` and fit every probe.
-
-    Rejected training samples are skipped: those that do not decode, and those whose
-    `class_index` is no class of `model` (stage `label`: the ridge targets need a class
-    below `model.num_classes`); they are not written anywhere (the `rejects` table holds
-    the analysed shards' samples). A damaged training shard raises its `ShardReadError`
-    (the analysed shard that needed the probes fails).
-    """
+) -> Trained:
+    """Stream the job's [probe] training shards through `model` and fit, for `experiment`
+    "probe", every linear probe (METHOD §7) or, for "tuned", the tuned lens's maps (METHOD §7b;
+    the same shots per class and ridge penalty)."""
     from vitlens.lens.families import adapter_for
 
     started = time.perf_counter()
     keys: set[str] = set()
-    settings = job.probe
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for url, samples, sha256 in _training_shards(job):
-            for batch in shard_batches(url, geometry, job.batch_size, token_cell, num_prefix_tokens,
-                                       on_reject=lambda shard, key, reason, stage: None,
-                                       expected_samples=samples, expected_sha256=sha256,
-                                       workers=job.resources.workers, pin_memory=device.type == "cuda",
-                                       num_classes=model.num_classes):
-                keys.update(batch.keys)
-                yield batch.images.to(device, non_blocking=True), batch.class_index.to(device)
-
-    probes = fit_probes(adapter_for(model), batches(), num_classes=model.num_classes, streams=settings.streams,
-                        shots=settings.shots, alpha=settings.alpha, device=device)
+    settings, adapter = job.probe, adapter_for(model)
+    batches = _training_batches(job, model, geometry, token_cell, num_prefix_tokens, device, keys)
+    with torch.no_grad():
+        if experiment == "tuned":
+            fitted: FittedProbes | TunedLens = fit_tuned_lens(
+                adapter, batches, num_classes=model.num_classes, shots=settings.shots, alpha=settings.alpha,
+                device=device)
+        else:
+            fitted = fit_probes(adapter, batches, num_classes=model.num_classes, streams=settings.streams,
+                                shots=settings.shots, alpha=settings.alpha, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainedProbes(probes, frozenset(keys), time.perf_counter() - started)
+    return Trained(fitted, frozenset(keys), time.perf_counter() - started)
 
 
-def check_disjoint(trained: TrainedProbes, keys: list[str], shard: str) -> None:
+def check_disjoint(trained: Trained, keys: list[str], shard: str) -> None:
     """Refuse an analysed batch holding a training image (the key check for shards that are
     not local files, which the driver's preflight could not list)."""
     overlap = sorted(trained.train_keys.intersection(keys))

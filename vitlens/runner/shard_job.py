@@ -33,11 +33,12 @@ from vitlens.explain.deletion import kept_token_counts
 from vitlens.explain.evaluate import PerturbationCurve, explain_batch, perturbation_curves
 from vitlens.lens import Lens, token_keep_from_labels
 from vitlens.lens.anatomy import EXPLAIN_EXPERIMENT, ViTAnatomy
+from vitlens.lens.heads import HEADS_EXPERIMENT, head_attribution
 from vitlens.lens.memories import SUBLAYERS
 from vitlens.metrics.sublayers import class_value_agreement
 from vitlens.models.registry import load_variant
 from vitlens.probe import probe_importance
-from vitlens.runner.probe_training import TrainedProbes, check_disjoint, train_probes
+from vitlens.runner.probe_training import Trained, check_disjoint, train
 from vitlens.runner.spec import JobSpec
 from vitlens.store.background import BackgroundWriter
 from vitlens.store.layout import (
@@ -49,6 +50,7 @@ from vitlens.store.layout import (
     table_key,
 )
 from vitlens.store.explain_records import explain_table, perturbation_curves_table
+from vitlens.store.head_records import head_tables, tuned_table
 from vitlens.store.probe_records import probes_table
 from vitlens.store.records import images_table, summary_tables, tokens_table
 from vitlens.store.schema import DETAIL_TIERS, schema_of, to_table
@@ -59,6 +61,11 @@ EXPLAIN_TABLES: tuple[str, ...] = ("explain", "perturbation_curves")
 #: The §8 linear-probe experiment: probe ranks per token, and the deletion curves of method `linear_probe`.
 PROBE_EXPERIMENT = "probe"
 PROBE_TABLES: tuple[str, ...] = ("probes", "perturbation_curves")
+#: The per-head attribution experiment (METHOD §3b, HEADS_EXPERIMENT): per tier, its tables.
+HEADS_TABLES: dict[str, tuple[str, ...]] = {"tokens": ("heads", "head_sources"),
+                                            "summary": ("head_summary", "head_sources")}
+#: The tuned lens (METHOD §7b), fitted on the [probe] training shards.
+TUNED_EXPERIMENT = "tuned"
 #: The deletion method whose importance comes from the probes (METHOD §7).
 PROBE_METHOD = "linear_probe"
 #: An experiment that deletion tests need, to tell whether a family can shorten its sequence.
@@ -94,6 +101,10 @@ def tables_of(experiment: str, detail: str = "tokens") -> tuple[str, ...]:
         return EXPLAIN_TABLES
     if experiment == PROBE_EXPERIMENT:
         return PROBE_TABLES
+    if experiment == HEADS_EXPERIMENT:
+        return HEADS_TABLES[detail]
+    if experiment == TUNED_EXPERIMENT:
+        return ("tuned",)
     return DETAIL_TIERS[detail] + ("images",)
 
 
@@ -116,7 +127,8 @@ class ShardProcessor:
         self.has_class_token = self.lens.anatomy.has_class_token
         self.num_prefix_tokens = self.lens.anatomy.num_prefix_tokens
         self.experiments = applicable_experiments(job.experiments, self.lens.anatomy)
-        self.probes: TrainedProbes | None = None  # fitted on the first shard that runs `probe`
+        self.probes: Trained | None = None  # fitted on the first shard that runs `probe`
+        self.tuned: Trained | None = None  # fitted on the first shard that runs `tuned`
         self._write_params()
         self._write_variant()
 
@@ -209,9 +221,13 @@ class ShardProcessor:
         background = BackgroundWriter(depth=4)
         try:
             if PROBE_EXPERIMENT in run and self.probes is None:
-                self.probes = train_probes(self.job, self.model, self.geometry, self.patch_size,
-                                           self.num_prefix_tokens, self.device)
+                self.probes = train(PROBE_EXPERIMENT, self.job, self.model, self.geometry, self.patch_size,
+                                    self.num_prefix_tokens, self.device)
                 seconds["probe_fit"] = self.probes.seconds
+            if TUNED_EXPERIMENT in run and self.tuned is None:
+                self.tuned = train(TUNED_EXPERIMENT, self.job, self.model, self.geometry, self.patch_size,
+                                   self.num_prefix_tokens, self.device)
+                seconds["tuned_fit"] = self.tuned.seconds
             batches = shard_batches(
                 shard_url, self.geometry, self.job.batch_size, self.patch_size, self.num_prefix_tokens,
                 on_reject=lambda shard, key, reason, stage: rejects.append((key, reason, stage)),
@@ -223,9 +239,7 @@ class ShardProcessor:
                 images += len(batch.keys)
                 for experiment in run:
                     with clocks[experiment]:
-                        result = self._explain(batch) if experiment == EXPLAIN_EXPERIMENT else \
-                            self._probe(batch, stem) if experiment == PROBE_EXPERIMENT else \
-                            self._analyse(batch, experiment)
+                        result = self._device_step(batch, experiment, stem)
                     background.submit(self._row_writer(writers, experiment, batch, result, stem))
                 if on_batch is not None:
                     on_batch(batch_index)
@@ -248,7 +262,7 @@ class ShardProcessor:
             raise
         committed += [writer.commit() for writer in writers.values()]
         rows = sum(w.rows for (table, _), w in writers.items()
-                   if table in ("tokens", "token_summary", "explain", "probes"))
+                   if table in ("tokens", "token_summary", "explain", "probes", "heads", "head_summary", "tuned"))
         seconds.update({experiment: clock.seconds for experiment, clock in clocks.items()})
         earlier = earlier_marker(self.storage, self.variant, stem, expected_sha256, fresh)
         carried = sorted(set(earlier.get("experiments", ())) - set(run)) if earlier else []
@@ -269,6 +283,23 @@ class ShardProcessor:
         commit_marker(self.storage, self.variant, stem, stats,
                       kept_files(self.storage, earlier, carried, self.variant, stem) + committed, earlier)
         return stats
+
+    def _device_step(self, batch: Any, experiment: str, stem: str) -> Any:
+        """One experiment's device step on one batch (its result stays on the device)."""
+        if experiment == EXPLAIN_EXPERIMENT:
+            return self._explain(batch)
+        if experiment == PROBE_EXPERIMENT:
+            return self._probe(batch, stem)
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.class_index.to(self.device)
+        if experiment == HEADS_EXPERIMENT:
+            return head_attribution(self.lens.adapter, images, labels, batch.token_label)
+        if experiment == TUNED_EXPERIMENT:
+            assert self.tuned is not None
+            check_disjoint(self.tuned, batch.keys, stem)
+            with torch.no_grad():
+                return self.tuned.fitted.reduce(self.lens.adapter, images, labels)
+        return self._analyse(batch, experiment)
 
     def _analyse(self, batch: Any, experiment: str) -> Any:
         """The device step of one lens experiment on one batch: its `LensBatch` (on the device)."""
@@ -295,7 +326,7 @@ class ShardProcessor:
         check_disjoint(self.probes, batch.keys, stem)
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.class_index.to(self.device)
-        probes = self.probes.probes
+        probes = self.probes.fitted
         with torch.no_grad():
             ranks = probes.ranks(self.lens.adapter, images, labels)
         curves: list[PerturbationCurve] = []
@@ -317,9 +348,14 @@ class ShardProcessor:
                                              self.num_prefix_tokens),
                     "perturbation_curves": perturbation_curves_table(result.curves, batch.keys),
                 }
+            elif experiment == HEADS_EXPERIMENT:
+                tables = head_tables(result, batch.keys, batch.token_label, self.job.detail)
+            elif experiment == TUNED_EXPERIMENT:
+                tables = {"tuned": tuned_table(result.rank, result.correct_logit, batch.keys, batch.token_label,
+                                               self.num_prefix_tokens, self.has_class_token)}
             elif experiment == PROBE_EXPERIMENT:
                 tables = {
-                    "probes": probes_table(result.ranks, self.probes.probes.slots, batch.keys, batch.token_label,
+                    "probes": probes_table(result.ranks, self.probes.fitted.slots, batch.keys, batch.token_label,
                                            self.num_prefix_tokens, self.has_class_token),
                     "perturbation_curves": perturbation_curves_table(result.curves, batch.keys),
                 }

@@ -71,7 +71,11 @@ EXPERIMENTS: tuple[str, ...] = (
     "remove_context_tokens",
     "explain",
     "probe",
+    "heads",
+    "tuned",
 )
+#: The experiments trained on the [probe] training shards (METHOD §7, §7b).
+TRAINED_EXPERIMENTS: tuple[str, ...] = ("probe", "tuned")
 EXPLAIN_TARGETS: tuple[str, ...] = ("true", "predicted")
 EXPLAIN_SOURCES: tuple[str, ...] = ("resid", "attn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -268,14 +272,15 @@ class JobSpec:
 
 
 def _check_probe(experiments: tuple[str, ...], probe: "ProbeSpec", source: str) -> None:
-    """The `probe` experiment needs [probe] training shards; [probe] shards need the experiment."""
+    """The `probe` and `tuned` experiments need [probe] training shards; [probe] shards need one of them."""
     if probe.manifest is not None and probe.shards:
         raise UserError(f"{source}: [probe] needs exactly one of 'manifest' or 'shards'")
-    if "probe" in experiments and probe.data is None:
-        raise UserError(f"{source}: experiment 'probe' needs its training shards: [probe] manifest = ... "
+    trained = [e for e in TRAINED_EXPERIMENTS if e in experiments]
+    if trained and probe.data is None:
+        raise UserError(f"{source}: experiment '{trained[0]}' needs its training shards: [probe] manifest = ... "
                         "or shards = [...] (disjoint from [data])")
-    if "probe" not in experiments and probe.data is not None:
-        raise UserError(f"{source}: [probe] names training shards but 'experiments' has no 'probe'")
+    if not trained and probe.data is not None:
+        raise UserError(f"{source}: [probe] names training shards but 'experiments' has neither 'probe' nor 'tuned'")
 
 
 def _frozen_models(models: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:

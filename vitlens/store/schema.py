@@ -22,6 +22,14 @@ Tables (one row each of):
 - `probes`:  image × block × stream × token (experiment `probe`, paper §8): the rank of the
              true class among a linear probe's predictions, one ridge probe per (block,
              stream, token position) fitted on separate training shards
+- `heads`:   image × block × head × token (experiment `heads`, METHOD §3b, tokens tier): the
+             head's direct logit attribution (DLA) of the true class at that token, and the
+             token's term as a source of the CLS's DLA for that head
+- `head_summary`: the summary tier's DLA sums per image × block × head × token kind × label
+- `head_sources`: image × block × head × target kind × target label × source label (both tiers):
+             the heads' DLA split over the labels of the tokens they read
+- `tuned`:   image × block × token (experiment `tuned`, METHOD §7b): the tuned lens's rank of
+             the true class (an affine map per block to the last block's stream, then the head)
 - `variants`: one row per variant: what the report needs to draw a token grid over an image
              (family, blocks, prefix tokens, grid, input size, eval transform, class names)
 """
@@ -34,7 +42,7 @@ import pyarrow as pa
 
 from vitlens.settings import DETAILS
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -175,6 +183,57 @@ VARIANTS = pa.schema(
     ]
 )
 
+HEADS = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # 1..L
+        pa.field("head", pa.int16(), nullable=False),  # 0..H-1
+        pa.field("token", pa.int16(), nullable=False),  # the target: position in the full sequence
+        pa.field("token_kind", _dict, nullable=False),  # cls | prefix | image
+        pa.field("label", _dict, nullable=False),  # class | context | ignore | prefix
+        pa.field("dla", pa.float32(), nullable=False),  # the head's direct logit attribution of the true class
+        pa.field("cls_source_dla", pa.float32()),  # this token as a source of the CLS's DLA; null without a CLS
+    ]
+)
+
+HEAD_SUMMARY = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),
+        pa.field("head", pa.int16(), nullable=False),
+        pa.field("token_kind", _dict, nullable=False),
+        pa.field("label", _dict, nullable=False),
+        pa.field("tokens", pa.int32(), nullable=False),  # targets the head writes in the group (> 0)
+        pa.field("dla_sum", pa.float64(), nullable=False),
+    ]
+)
+
+HEAD_SOURCES = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),
+        pa.field("head", pa.int16(), nullable=False),
+        pa.field("target_kind", _dict, nullable=False),  # cls | prefix | image
+        pa.field("target_label", _dict, nullable=False),
+        pa.field("source_label", _dict, nullable=False),  # the label of the tokens read
+        pa.field("targets", pa.int32(), nullable=False),  # targets in the group (> 0)
+        pa.field("dla_sum", pa.float64(), nullable=False),  # signed source terms, summed over the targets
+        pa.field("abs_sum", pa.float64(), nullable=False),  # |term|, summed
+    ]
+)
+
+TUNED = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("block", pa.int16(), nullable=False),  # 0..L (L: the identity map, the lens itself)
+        pa.field("token", pa.int16(), nullable=False),
+        pa.field("token_kind", _dict, nullable=False),
+        pa.field("label", _dict, nullable=False),
+        pa.field("identifiability_rank", pa.int32(), nullable=False),  # of proj(A_b h + c_b)
+        pa.field("correct_logit", pa.float32(), nullable=False),
+    ]
+)
+
 # The summary tier (`detail = "summary"`): the sums every paper table needs, per image ×
 # block × stream × token kind × label (vitlens.metrics.summary), instead of `tokens` rows.
 # The views `token_summary` / `residual_match` compute the same sums from `tokens` rows, so
@@ -225,6 +284,10 @@ TABLES: dict[str, pa.Schema] = {
     "perturbation_curves": PERTURBATION_CURVES,
     "probes": PROBES,
     "variants": VARIANTS,
+    "heads": HEADS,
+    "head_summary": HEAD_SUMMARY,
+    "head_sources": HEAD_SOURCES,
+    "tuned": TUNED,
 }
 
 

@@ -26,7 +26,7 @@ Conventions every adapter keeps (METHOD §1b):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
@@ -45,6 +45,50 @@ PERTURBATION_EXPERIMENTS: tuple[str, ...] = (
     "attn_self_only", "attn_no_cls", "remove_class_tokens", "remove_context_tokens",
 )
 EXPLAIN_EXPERIMENT = "explain"
+#: The per-head attribution experiment (METHOD §3b, `vitlens.lens.heads`).
+HEADS_EXPERIMENT = "heads"
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """Block b's attention output as a linear function of its coefficients (the output
+    projection's input, `BlockTrace.attn_coefficients`): `attn_out = coefficients @ weightᵀ + bias`,
+    head h owning coefficients `h·hd .. (h+1)·hd − 1` (METHOD §3b)."""
+
+    weight: torch.Tensor  # [d, Ma] γ ⊙ W_O: the output projection with the layer scale folded in
+    bias: torch.Tensor | None  # [d] γ ⊙ b_O
+    num_heads: int
+
+
+def output_heads(projection: torch.nn.Module, gamma: torch.Tensor | None, num_heads: int) -> AttentionHeads:
+    """`AttentionHeads` of an output projection (an `nn.Linear`) followed by a layer scale `gamma`
+    (None: none); refuses (`UserError`) another projection or coefficients that do not split
+    into `num_heads` equal slices.
+
+    # gamma: [d] | None -> AttentionHeads (weight [d, Ma], bias [d] | None)
+    """
+    if not isinstance(projection, torch.nn.Linear):
+        raise UserError(f"the attention's output projection is a {type(projection).__name__}, not a linear layer")
+    if projection.in_features % num_heads:
+        raise UserError(f"the output projection's {projection.in_features} inputs do not split into {num_heads} heads")
+    weight, bias = projection.weight, projection.bias
+    if gamma is not None:
+        weight = gamma[:, None] * weight
+        bias = None if bias is None else gamma * bias
+    return AttentionHeads(weight=weight, bias=bias, num_heads=num_heads)
+
+
+def layer_scale_vector(module: torch.nn.Module | torch.Tensor | None) -> torch.Tensor | None:
+    """The vector of a layer scale given as a module (timm / open_clip `LayerScale`: `.gamma`;
+    `nn.Identity`: None) or as the vector itself (BEiT / Eva / CaiT `gamma_1`)."""
+    if module is None or isinstance(module, torch.nn.Identity):
+        return None
+    if isinstance(module, torch.Tensor):
+        return module
+    gamma = getattr(module, "gamma", None)
+    if not isinstance(gamma, torch.Tensor):
+        raise UserError(f"unsupported layer scale {type(module).__name__} (no gamma vector)")
+    return gamma
 
 
 @dataclass(frozen=True)
@@ -160,7 +204,11 @@ class ModelAdapter(ABC):
                 "for a random twin ([models.NAME] num_classes = ...)"
             )
         self.check()
-        self.anatomy = self.describe()
+        anatomy = self.describe()
+        reason = self.heads_problem(anatomy)
+        if reason is not None and anatomy.skip_reason(HEADS_EXPERIMENT) is None:
+            anatomy = replace(anatomy, skipped=anatomy.skipped + ((HEADS_EXPERIMENT, reason),))
+        self.anatomy = anatomy
 
     # ---- anatomy -------------------------------------------------------------------------
     @abstractmethod
@@ -334,6 +382,46 @@ class ModelAdapter(ABC):
         if source == "attn":
             return branch.attn_out[:, 0]
         return branch.resid_post[:, 0]
+
+    # ---- heads (METHOD §3b) ----------------------------------------------------------------
+    #: the head path stays linear at a frozen scale although it pools by attention (open_clip's
+    #: attentional pooler reads one key with weight 1; timm's and SigLIP's `map` heads have an MLP)
+    linear_attention_pool: ClassVar[bool] = False
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """Block `index`'s attention output as a linear map of its coefficients: timm's standard
+        anatomy, `blocks[index - 1].attn.proj` and the layer scale `ls1` or `gamma_1`. Raises
+        `UserError` with the reason where the attention output is not a per-head sum (a norm or
+        gate over the merged heads, a post-norm block). Families with other blocks override it.
+
+        # -> AttentionHeads (weight [d, Ma], bias [d] | None)
+        """
+        block = self.model.blocks[index - 1]
+        attn = block.attn
+        norm = getattr(attn, "norm", None)
+        if norm is not None and not isinstance(norm, torch.nn.Identity):
+            raise UserError(f"block {index}: a norm over the merged heads ({type(norm).__name__}) mixes the heads")
+        if getattr(attn, "gate", None) is not None:
+            raise UserError(f"block {index}: a gate on the merged heads scales each head per token")
+        scale = getattr(block, "ls1", None)
+        if scale is None:
+            scale = getattr(block, "gamma_1", None)
+        return output_heads(attn.proj, layer_scale_vector(scale), attn.num_heads)
+
+    def heads_problem(self, anatomy: ViTAnatomy) -> str | None:
+        """Why per-head attribution (METHOD §3b) does not apply to this model, or None: a
+        post-norm block, an attention pool with an MLP, a block whose attention output is no
+        per-head sum (`attention_heads`) or whose values the family does not expose."""
+        if anatomy.post_norm:
+            return "post-norm blocks: the attention output passes the block's own norm, not a per-head sum"
+        if anatomy.global_pool == "map" and not self.linear_attention_pool:
+            return "the attention-pooling head has an MLP: the head path is not linear at a frozen scale"
+        try:
+            for index in range(1, anatomy.num_blocks + 1):
+                self.attention_heads(index)
+        except UserError as error:
+            return str(error)
+        return None
 
     # ---- memories ------------------------------------------------------------------------
     def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:

@@ -51,7 +51,9 @@ from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockCl
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, merge_heads
-from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
+from vitlens.lens.families.base import (
+    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
+)
 from vitlens.lens.families.common import TOKEN_OR_AVG, check_pool, pool_tokens, timm_anatomy
 from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
 from vitlens.lens.trace import BlockTrace
@@ -93,7 +95,7 @@ def talking_heads_attention(
     coefficients = merge_heads(attn.attn_drop(probs) @ v)  # [B, N, d]
     output = attn.proj_drop(attn.proj(coefficients))
     wanted = args.need_probs or args.keep_mask is not None or args.probs_edit is not None
-    return AttentionResult(output=output, coefficients=coefficients, probs=probs if wanted else None)
+    return AttentionResult(output=output, coefficients=coefficients, probs=probs if wanted else None, values=v)
 
 
 def class_attention(attn: ClassAttn, x: torch.Tensor, args: AttentionArgs = AttentionArgs()) -> AttentionResult:
@@ -110,7 +112,8 @@ def class_attention(attn: ClassAttn, x: torch.Tensor, args: AttentionArgs = Atte
     v = attn.v(x).reshape(batch, tokens, heads, width // heads).permute(0, 2, 1, 3)
     heads_out, probs = args.attend(q, k, v, attn.scale)
     coefficients = merge_heads(heads_out)  # [B, 1, d]
-    return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=probs)
+    return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=probs,
+                           values=v)
 
 
 class ClassAttentionAdapter(ModelAdapter):
@@ -141,6 +144,12 @@ class ClassAttentionAdapter(ModelAdapter):
         if index <= depth:
             return self.model.blocks[index - 1]
         return getattr(self.model, self.class_blocks)[index - 1 - depth]
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """`attn.proj` and `gamma_1` of block `index` (talking heads: the heads after `proj_w`,
+        whose probabilities weight the values). # -> AttentionHeads"""
+        block = self._block(index)
+        return output_heads(block.attn.proj, block.gamma_1, block.attn.num_heads)
 
     def _with_cls(self, resid_pre: torch.Tensor) -> torch.Tensor:
         """The sequence a class-attention block reads: the first one gets the image tokens and
@@ -228,7 +237,8 @@ class CaitAdapter(ClassAttentionAdapter):
             return BlockTrace(
                 index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out,
                 resid_post=resid_mid + block.drop_path(mlp_out), attn_coefficients=attention.coefficients,
-                mlp_coefficients=mlp_coefficients, attn_probs=attention.probs, first_token=1,
+                mlp_coefficients=mlp_coefficients, attn_probs=attention.probs, attn_values=attention.values,
+                first_token=1,
             )
         sequence = self._with_cls(resid_pre)  # [B, T, d]
         attention = class_attention(block.attn, block.norm1(sequence), args.covering(0, queries=1))
@@ -242,7 +252,7 @@ class CaitAdapter(ClassAttentionAdapter):
             resid_mid=torch.cat([cls_mid, image_tokens], dim=1), mlp_out=mlp_out,
             resid_post=torch.cat([cls_mid + block.drop_path(mlp_out), image_tokens], dim=1),
             attn_coefficients=attention.coefficients, mlp_coefficients=mlp_coefficients,
-            attn_probs=attention.probs, first_token=0, sublayer_tokens=1,
+            attn_probs=attention.probs, attn_values=attention.values, first_token=0, sublayer_tokens=1,
         )
 
     def logits_keeping(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

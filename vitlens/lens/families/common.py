@@ -174,7 +174,7 @@ def residual_trace(
     return BlockTrace(
         index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out,
         resid_post=resid_mid + block.drop_path2(mlp_out), attn_coefficients=result.coefficients,
-        mlp_coefficients=mlp_coefficients, attn_probs=result.probs,
+        mlp_coefficients=mlp_coefficients, attn_probs=result.probs, attn_values=result.values,
     )
 
 
@@ -235,7 +235,8 @@ def qkv_attention(
         q, k = attn.q_norm(q), attn.k_norm(k)
     heads_out, probs = args.attend(q, k, v, attn.scale, bias=bias)
     coefficients = merge_heads(heads_out)  # [B, T, H·hd]
-    return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=probs)
+    return AttentionResult(output=attn.proj_drop(attn.proj(coefficients)), coefficients=coefficients, probs=probs,
+                           values=v)
 
 
 def cls_values(cls_row: torch.Tensor, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

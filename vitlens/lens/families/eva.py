@@ -105,7 +105,7 @@ def eva_attention_sublayer(
     if gate is not None:
         coefficients = coefficients * gate
     output = attn.proj_drop(attn.proj(coefficients))  # [B, T, d]
-    return AttentionResult(output=output, coefficients=coefficients, probs=probs)
+    return AttentionResult(output=output, coefficients=coefficients, probs=probs, values=v)
 
 
 class EvaAdapter(ModelAdapter):

@@ -44,7 +44,10 @@ import torch.nn.functional as F
 from vitlens.errors import UserError
 from vitlens.lens.attention import merge_heads
 from vitlens.lens.classifiers import ZeroShotClassifier
-from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
+from vitlens.lens.families.base import (
+    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
+)
+from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace
 
 try:
@@ -83,7 +86,7 @@ def layer_forward(layer: torch.nn.Module, index: int, resid_pre: torch.Tensor, a
     return BlockTrace(
         index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out,
         resid_post=resid_mid + mlp_out, attn_coefficients=attn_coefficients,
-        mlp_coefficients=mlp_coefficients, attn_probs=probs,
+        mlp_coefficients=mlp_coefficients, attn_probs=probs, attn_values=v,
     )
 
 
@@ -188,6 +191,11 @@ class _HFContrastiveAdapter(ModelAdapter):
         sequence = torch.cat([hidden[:, :prefix], image_tokens], dim=1)  # [B, P+n, d]
         return self.model_logits(self.run_blocks(sequence))
 
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """`self_attn.out_proj` of layer `index` (no layer scale). # -> AttentionHeads"""
+        attn = self.vision.encoder.layers[index - 1].self_attn
+        return output_heads(attn.out_proj, None, attn.num_heads)
+
     # ---- memories ------------------------------------------------------------------------
     def value_vectors(self, index: int, sublayer: str) -> torch.Tensor:
         """attn: `out_proj`'s columns; mlp: `fc2`'s columns, in the class embedding's space
@@ -224,7 +232,7 @@ class HFClipAdapter(_HFContrastiveAdapter):
 
         # hidden: [..., d] -> [..., d']
         """
-        return F.normalize(self.model.tower.visual_projection(self.vision.post_layernorm(hidden)), dim=-1)
+        return unit_length(self.model.tower.visual_projection(self.vision.post_layernorm(hidden)))
 
     def to_feature_space(self, values: torch.Tensor) -> torch.Tensor:
         """`visual_projection.weight @ values` (as open_clip's adapter maps through `proj`), so
@@ -273,7 +281,7 @@ class HFSiglipAdapter(_HFContrastiveAdapter):
         """
         normed = self.vision.post_layernorm(hidden)
         pooled = self.vision.head(normed.reshape(-1, 1, normed.shape[-1]))  # [n, 1, d] -> [n, d']
-        return F.normalize(pooled.reshape(*normed.shape[:-1], pooled.shape[-1]), dim=-1)
+        return unit_length(pooled.reshape(*normed.shape[:-1], pooled.shape[-1]))
 
     def pool(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The attention-pooling head over `tokens` (after `post_layernorm`), over the kept ones

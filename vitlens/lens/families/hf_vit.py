@@ -53,7 +53,9 @@ from torch import nn
 from vitlens.errors import UserError
 from vitlens.lens.attention import merge_heads
 from vitlens.lens.classifiers import HFImageClassifier
-from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
+from vitlens.lens.families.base import (
+    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
+)
 from vitlens.lens.families.common import pool_tokens
 from vitlens.lens.trace import BlockTrace
 
@@ -202,7 +204,7 @@ def hf_layer_forward(
     return BlockTrace(
         index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out,
         resid_post=resid_mid + mlp_out, attn_coefficients=coefficients, mlp_coefficients=mlp_coefficients,
-        attn_probs=probs,
+        attn_probs=probs, attn_values=v,
     )
 
 
@@ -260,6 +262,11 @@ class HFAdapter(ModelAdapter):
     def layer(self, index: int) -> HFLayer:
         """Parts of layer `index` (1-based), resolved from the live modules."""
         return hf_layer(self.layer_modules()[index - 1], int(self.tower.config.num_attention_heads), f"layer {index}")
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """The attention output projection and layer scale of layer `index`. # -> AttentionHeads"""
+        parts = self.layer(index)
+        return output_heads(parts.out, parts.scale1, parts.num_heads)
 
     def num_prefix_tokens(self) -> int:
         """CLS (and distillation / register) tokens before the image tokens."""

@@ -43,8 +43,11 @@ from torch import nn
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, merge_heads
-from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
+from vitlens.lens.families.base import (
+    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, layer_scale_vector, output_heads,
+)
 from vitlens.lens.families.common import pool_tokens
+from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace
 
 try:
@@ -99,13 +102,14 @@ def _attention(block: nn.Module, x: torch.Tensor, args: AttentionArgs) -> Attent
     heads_out, probs = args.attend(q, k, v, q.shape[-1] ** -0.5)
     if custom and attn.head_scale is not None:
         heads_out = heads_out * attn.head_scale  # [H, 1, 1]
+        v = v * attn.head_scale  # the values each head's coefficients are the weighted sum of
     coefficients = merge_heads(heads_out)  # [B, T, d]
     if custom:
         coefficients = attn.ln_inner(coefficients)
     output = attn.out_proj(coefficients)
     if custom:
         output = attn.out_drop(output)
-    return AttentionResult(output=output, coefficients=coefficients, probs=probs)
+    return AttentionResult(output=output, coefficients=coefficients, probs=probs, values=v)
 
 
 def _mlp(mlp: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +154,16 @@ class OpenClipAdapter(ModelAdapter):
 
     family = "open_clip"
     model_classes = (VisionTransformer,) if VisionTransformer is not None else ()
+    linear_attention_pool = True  # the attentional pooler reads one key with weight 1: linear
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """`attn.out_proj` and `ls_1` of block `index` (`head_scale` is in the values); `ln_inner`
+        over the merged heads is refused. # -> AttentionHeads"""
+        block = self.tower.transformer.resblocks[index - 1]
+        inner = getattr(block.attn, "ln_inner", None)
+        if inner is not None and not isinstance(inner, nn.Identity):
+            raise UserError(f"block {index}: ln_inner, a norm over the merged heads, mixes the heads")
+        return output_heads(block.attn.out_proj, layer_scale_vector(block.ls_1), block.attn.num_heads)
 
     def final_norms(self) -> list[tuple[str, nn.Module]]:
         """`ln_post` (the L2 normalisation of METHOD §1c stays live)."""
@@ -234,7 +248,7 @@ class OpenClipAdapter(ModelAdapter):
         return BlockTrace(
             index=index, resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out,
             resid_post=resid_mid + mlp_out, attn_coefficients=attention.coefficients,
-            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs,
+            mlp_coefficients=mlp_coefficients, attn_probs=attention.probs, attn_values=attention.values,
         )
 
     def run_blocks(self, hidden: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,7 +312,7 @@ class OpenClipAdapter(ModelAdapter):
             pool = tower.attn_pool
             value = F.linear(pool.ln_k(hidden), *_mha_value_projection(pool.attn))  # [..., d_pool]
             hidden = pool.attn.out_proj(value)
-        return F.normalize(self._features(tower.ln_post(hidden)), dim=-1)
+        return unit_length(self._features(tower.ln_post(hidden)))
 
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """CLS pooling: the CLS token's projection; average pooling with `ln_post` after it: the

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlens.errors import UserError
-from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy
+from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy
+from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace
 
 try:
@@ -54,6 +55,10 @@ class OpenClipTimmAdapter(ModelAdapter):
     model_classes = (TimmModel,) if TimmModel is not None else ()
 
     trunk_adapter: ModelAdapter
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """The timm trunk's own (its family's `attention_heads`). # -> AttentionHeads"""
+        return self.trunk_adapter.attention_heads(index)
 
     def final_norms(self) -> list[tuple[str, nn.Module]]:
         """The timm trunk's own head-path norms (the L2 normalisation stays live)."""
@@ -127,7 +132,7 @@ class OpenClipTimmAdapter(ModelAdapter):
         """The trunk family's one-token head path, the trunk's head, the tower's head, L2
         normalisation. # hidden: [..., d] -> [..., d'] (unit norm)"""
         trunk_features = self.tower.trunk.head(self.trunk_adapter.norm_final(hidden))
-        return F.normalize(self.tower.head(trunk_features), dim=-1)
+        return unit_length(self.tower.head(trunk_features))
 
     def parity_logits(self, resid_final: torch.Tensor) -> torch.Tensor:
         """CLS pooling: the CLS token's projection; other pooling: the trunk's pooled vector

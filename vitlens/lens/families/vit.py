@@ -30,7 +30,7 @@ from timm.models.vision_transformer import (
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import attention_sublayer, merge_heads
-from vitlens.lens.families.base import AttentionArgs, ViTAnatomy, check_sublayer
+from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ViTAnatomy, check_sublayer
 from vitlens.lens.families.common import (
     AbsolutePositionAdapter,
     check_attn_pool,
@@ -106,6 +106,15 @@ class ViTAdapter(AbsolutePositionAdapter):
         if isinstance(block, ParallelThingsBlock):
             return _parallel_things_forward(block, index, resid_pre, args)
         return timm_block_forward(block, index, resid_pre, args)
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """timm's anatomy (`ModelAdapter.attention_heads`); parallel blocks are refused (a fused
+        projection or several attention branches). # -> AttentionHeads"""
+        block = self.model.blocks[index - 1]
+        if isinstance(block, (ParallelScalingBlock, ParallelThingsBlock)):
+            raise UserError(f"block {index}: {type(block).__name__} (parallel attention and MLP branches) "
+                            "is not attributed per head")
+        return super().attention_heads(index)
 
     def model_logits(self, resid_final: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_head(norm(x))` as timm does; with `key_keep`, pooling over kept tokens only.

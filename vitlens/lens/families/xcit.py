@@ -57,7 +57,7 @@ from timm.layers import Mlp
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, attend
-from vitlens.lens.families.base import AttentionArgs, ViTAnatomy
+from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ViTAnatomy
 from vitlens.lens.families.cait import ClassAttentionAdapter, class_attention
 from vitlens.lens.families.common import require_type
 from vitlens.lens.mlp import mlp_forward
@@ -102,6 +102,10 @@ class XcitAdapter(ClassAttentionAdapter):
     class_blocks = "cls_attn_blocks"
 
     model: Xcit
+
+    def attention_heads(self, index: int) -> AttentionHeads:
+        """Refused: XCA heads mix channels across tokens, not tokens (no per-source split)."""
+        raise UserError("cross-covariance attention (XCA) has no token-to-token attention to attribute per head")
 
     # ---- anatomy -------------------------------------------------------------------------
     def check(self) -> None:
