@@ -21,7 +21,7 @@ import pytest
 
 from vitlens.cli import main as cli_main
 from vitlens.report import figures
-from vitlens.report.figures import FIGURES, FigureSpec, draw_figure
+from vitlens.report.figures import FIGURES, HEATMAPS, FigureSpec, draw_figure
 from vitlens.report.queries import find_query, run_query
 from vitlens.report.results import open_results
 from vitlens.store.layout import table_file, write_parquet_atomic
@@ -347,7 +347,7 @@ def test_report_draws_the_explain_figures(tmp_path: Path, with_lens_tables: bool
     for name in ("explain_deletion_curves", "explain_importance_by_block"):
         data = (out / "figures" / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
-    assert {p.stem for p in (out / "figures").glob("*.png")} == {f.name for f in FIGURES}
+    assert {p.stem for p in (out / "figures").glob("*.png")} == {f.name for f in FIGURES} | {h.name for h in HEATMAPS}
     page = (out / "index.html").read_text()
     assert "figures/explain_deletion_curves.png" in page and "tables/explain_auc.csv" in page
     # the §7 entries come after the lens results, in REPORT_ORDER

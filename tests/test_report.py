@@ -17,7 +17,10 @@ import pytest
 from vitlens.cli import main as cli_main
 from vitlens.report import figures
 from vitlens.report.build import REPORT_ORDER, TESTS, build_report
-from vitlens.report.figures import FIGURES, FONTS, MIN_FONT_PT, PALETTE, TWIN_NOTE, draw_figure
+from vitlens.report.figures import FIGURES, FONTS, HEATMAPS, MIN_FONT_PT, PALETTE, TWIN_NOTE, draw_figure
+
+#: every figure file a report draws: line figures and heatmaps
+FIGURE_NAMES = sorted([f.name for f in FIGURES] + [h.name for h in HEATMAPS])
 from vitlens.report.queries import find_query, list_queries, run_query
 from vitlens.report.results import open_results
 from vitlens.report.sections import REQUIREMENTS, RawSection, ReportContext, empty_reason, section_note
@@ -61,7 +64,7 @@ def test_every_query_says_what_fills_it():
 
 def test_every_figure_is_a_non_empty_png_no_wider_than_the_page(toy_report: Path):
     pngs = sorted((toy_report / "figures").glob("*.png"))
-    assert [p.stem for p in pngs] == sorted(f.name for f in FIGURES) and len(pngs) == len(FIGURES) == 11
+    assert [p.stem for p in pngs] == FIGURE_NAMES and len(pngs) == len(FIGURES) + len(HEATMAPS) == 13
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
@@ -86,7 +89,7 @@ def test_tables_written_as_csv_and_markdown(toy_report: Path):
 def test_html_links_every_figure_and_table(toy_report: Path):
     page = (toy_report / "index.html").read_text()
     images = re.findall(r"<img src='([^']+)'", page)
-    assert sorted(images) == sorted(f"figures/{f.name}.png" for f in FIGURES)
+    assert sorted(images) == [f"figures/{name}.png" for name in FIGURE_NAMES]
     links = re.findall(r"<a href='(tables/[^']+)'", page)
     assert len(links) == len(list_queries()) + len(TESTS) + 1  # + the rejects table of the provenance
     for relative in images + links:
@@ -97,7 +100,7 @@ def test_html_links_every_figure_and_table(toy_report: Path):
     order = [page.index(f"<h2 id='{name}'>") for name in REPORT_ORDER]
     assert order == sorted(order)
     markdown = (toy_report / "report.md").read_text()
-    assert all(f"(figures/{f.name}.png)" in markdown for f in FIGURES)
+    assert all(f"(figures/{name}.png)" in markdown for name in FIGURE_NAMES)
 
 
 def _section(page: str, name: str) -> str:
@@ -122,7 +125,7 @@ def test_report_without_probes_twins_or_misclassified_images(tmp_path: Path):
         shutil.rmtree(folder)
     out = tmp_path / "report"
     assert cli_main(["report", "--results", str(results), "--out", str(out), "--no-progress", "--no-gallery"]) == 0
-    assert len(list((out / "figures").glob("*.png"))) == len(FIGURES)
+    assert len(list((out / "figures").glob("*.png"))) == len(FIGURE_NAMES)
     with open(out / "tables" / "images_with_identifiable_token.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["random_top1_pct"] == ""  # no twin: null
