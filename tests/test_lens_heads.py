@@ -76,7 +76,7 @@ def test_cait_covers_what_each_block_writes() -> None:
 
 @pytest.mark.parametrize("build, reason", [
     (lambda: vit(block_fn=ResPostBlock), "post-norm"),
-    (lambda: vit(class_token=False, global_pool="map"), "MLP"),
+    (lambda: vit(class_token=False, global_pool="map"), "pools by attention"),
     (lambda: vit(block_fn=ParallelScalingBlock), "parallel"),
     (lambda: vit(attn_layer="attn", scale_attn_norm=True), "mixes the heads"),
     (lambda: tiny(lambda: Xcit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=7,

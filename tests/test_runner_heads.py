@@ -123,3 +123,36 @@ def test_queries_and_report_sections(results, tmp_path: Path) -> None:
         assert (tmp_path / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
     assert "head_source_shares" in (tmp_path / "report" / "index.html").read_text()
     assert report is not None
+
+
+def test_gallery_and_show_draw_where_the_cls_reads_from(results, tmp_path: Path, capsys) -> None:
+    """`<key>-sources.png` from the `heads` rows: the maps are the per-token sums over heads of
+    `cls_source_dla` (recomputed here with pyarrow), and `vitlens show` writes the figure."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from vitlens.report.gallery import _ResultSet, write_image_figures
+
+    table = ds.dataset(str(results["tokens"] / "table=heads"), format="parquet", partitioning="hive").to_table()
+    key = sorted(set(table.column("image_key").to_pylist()))[0]
+    rows = table.filter(pc.equal(table.column("image_key"), key)).to_pylist()
+    expected = np.zeros((DEPTH, TOKENS))
+    for row in rows:
+        expected[row["block"] - 1, row["token"]] += row["cls_source_dla"]
+    found = _ResultSet(results["tokens"])
+    try:
+        variant = found.variant(VARIANT)
+        info = next(i for i in found.images(VARIANT, "baseline") if i.image_key == key)
+        maps = found.source_maps(variant, info)
+    finally:
+        found.close()
+    assert sorted(maps.blocks) == list(range(1, DEPTH + 1))
+    assert np.allclose(np.stack([maps.blocks[b] for b in range(1, DEPTH + 1)]), expected, atol=1e-4)
+    figures = write_image_figures(results["tokens"], VARIANT, key, tmp_path / "show")
+    sources = [f for f in figures if f.path and f.path.endswith("-sources.png")]
+    assert len(sources) == 1 and "where the CLS reads" in sources[0].caption
+    assert (tmp_path / "show" / sources[0].path).stat().st_size > 5000
+    assert cli_main(["show", key, "--results", str(results["tokens"]), "--variant", VARIANT,
+                     "--out", str(tmp_path / "cli")]) == 0
+    assert "-sources.png" in capsys.readouterr().out

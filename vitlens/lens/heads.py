@@ -32,9 +32,7 @@ from vitlens.data.token_labels import LABEL_NAMES
 from vitlens.lens.families import adapter_for
 from vitlens.lens.families.base import HEADS_EXPERIMENT, ModelAdapter
 from vitlens.lens.linearise import readout_direction
-
-
-
+from vitlens.lens.trace import BlockTrace
 
 
 @dataclass
@@ -104,27 +102,27 @@ def head_attribution(
 
 
 def _attribute_block(
-    adapter: ModelAdapter, trace: object, labels: torch.Tensor, token_label: torch.Tensor, out: HeadBatch,
+    adapter: ModelAdapter, trace: BlockTrace, labels: torch.Tensor, token_label: torch.Tensor, out: HeadBatch,
 ) -> None:
     """Fill block `trace.index`'s slices of `out` (see the module notes for the formulas).
 
     # trace: BlockTrace (attn_coefficients [B, S, Ma], attn_probs [B, H, S, Tk], attn_values [B, H, Tk, hd])
     """
-    b = trace.index - 1  # type: ignore[attr-defined]
-    first = trace.first_token  # type: ignore[attr-defined]
-    coefficients = trace.attn_coefficients  # type: ignore[attr-defined]
+    b = trace.index - 1
+    first = trace.first_token
+    coefficients = trace.attn_coefficients
     batch, targets, _ = coefficients.shape
-    linear = adapter.attention_heads(trace.index)  # type: ignore[attr-defined]
+    linear = adapter.attention_heads(trace.index)
     heads = linear.num_heads
-    direction = readout_direction(adapter, trace.resid_post, labels)[:, :targets]  # type: ignore[attr-defined]
+    direction = readout_direction(adapter, trace.resid_post, labels)[:, :targets]
     direction = direction.to(linear.weight.dtype)  # [B, S, d]
     read = direction @ linear.weight  # [B, S, Ma]: W_Oᵀ (γ ⊙ u) per target
     span = slice(first, first + targets)
     out.dla[:, b, :, span] = (coefficients * read).reshape(batch, targets, heads, -1).sum(-1).transpose(1, 2).float()
     bias = torch.zeros((), device=direction.device) if linear.bias is None else direction @ linear.bias
     out.bias_dla[:, b, span] = bias.float()
-    out.attn_dla[:, b, span] = (direction * trace.attn_out).sum(-1).float()  # type: ignore[attr-defined]
-    probs, values = trace.attn_probs, trace.attn_values  # type: ignore[attr-defined]
+    out.attn_dla[:, b, span] = (direction * trace.attn_out).sum(-1).float()
+    probs, values = trace.attn_probs, trace.attn_values
     read_heads = read.reshape(batch, targets, heads, -1).transpose(1, 2)  # [B, H, S, hd]
     terms = probs * (read_heads @ values.transpose(-1, -2))  # [B, H, S, Tk]
     keys = terms.shape[-1]

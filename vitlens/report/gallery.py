@@ -4,7 +4,8 @@ For each chosen image (explicit keys, or the first `per_class` images of each cl
 and misclassified when both exist) it draws, from the Parquet result set alone plus the
 shard the image came from (re-read by `vitlens.report.image_source`), `<key>-tokens.png`
 (the residual stream's identifiability per block and the last block's top-1 classes) and,
-where experiment `explain` ran, `<key>-explain.png` (the explainability maps); the figures
+where experiment `explain` ran, `<key>-explain.png` (the explainability maps) and, where `heads`
+ran, `<key>-sources.png` (where the CLS reads its class from, block by block); the figures
 are described in `vitlens.report.gallery_draw`.
 
 When the shard is gone the maps are drawn without the image and the caption says so; a
@@ -32,6 +33,7 @@ from vitlens.report.gallery_draw import (  # noqa: F401
     block_panels,
     draw_cells,
     draw_explain_figure,
+    draw_source_figure,
     draw_token_figure,
     identifiability_scores,
     label_outline_segments,
@@ -41,6 +43,7 @@ from vitlens.report.gallery_draw import (  # noqa: F401
 from vitlens.report.gallery_select import (  # noqa: F401
     ExplainMaps,
     ImageInfo,
+    SourceMaps,
     VariantInfo,
     _ResultSet,
     select_keys,
@@ -113,6 +116,17 @@ def _caption_explain(variant: VariantInfo, info: ImageInfo, maps: ExplainMaps, l
     return text
 
 
+def _caption_sources(variant: VariantInfo, info: ImageInfo, lookup: ImageLookup) -> str:
+    text = (f"{variant.name} · {info.image_key}: where the CLS reads class {variant.class_name(info.class_index)} "
+            "from, block by block (experiment heads, METHOD §3b): each image token's term in the CLS's direct "
+            "logit attribution, a(CLS, s) times its value through the head's output columns and the final norm "
+            "linearised at the CLS's scale, summed over heads (PuOr: purple against the class, orange for it; "
+            "all blocks on one scale).")
+    if lookup.image is None:
+        text += f" Drawn without the image: {lookup.reason}."
+    return text
+
+
 def _draw_image(results: _ResultSet, variant: VariantInfo, experiment: str, info: ImageInfo, tokens: bool,
                 out_dir: Path, folder: Path) -> list[GalleryFigure]:
     """Every figure of one image, written under `folder` (paths relative to `out_dir`)."""
@@ -128,6 +142,11 @@ def _draw_image(results: _ResultSet, variant: VariantInfo, experiment: str, info
         path = draw_explain_figure(variant, info, explain, lookup, folder / _file_name(info.image_key, "explain"))
         figures.append(GalleryFigure(variant.name, info.image_key, path.relative_to(out_dir).as_posix(),
                                      _caption_explain(variant, info, explain, lookup)))
+    sources = results.source_maps(variant, info)
+    if sources is not None:
+        path = draw_source_figure(variant, info, sources, lookup, folder / _file_name(info.image_key, "sources"))
+        figures.append(GalleryFigure(variant.name, info.image_key, path.relative_to(out_dir).as_posix(),
+                                     _caption_sources(variant, info, lookup)))
     return figures
 
 

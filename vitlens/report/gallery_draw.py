@@ -12,6 +12,9 @@
   method `ours` (the sum of its per-block maps), `chefer`'s map beside it when it ran, the
   per-block maps and the per-head maps of the block with the most importance (PuOr: purple
   negative, orange positive; each group scaled to its largest |value|).
+- `<key>-sources.png` (`draw_source_figure`; experiment `heads`, METHOD §3b): per block, where
+  the CLS reads its class from: every image token's term in the CLS's direct logit attribution
+  of the true class, summed over heads (PuOr, all blocks scaled to one largest |value|).
 
 The pure parts (`token_grid`, `identifiability_scores`, `label_outline_segments`,
 `top1_colour_grid`, `block_panels`) are numpy only; the drawing uses matplotlib (Agg). The
@@ -33,7 +36,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import Normalize, to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from vitlens.report.gallery_select import ExplainMaps, ImageInfo, TokenMaps, VariantInfo  # noqa: E402
+from vitlens.report.gallery_select import ExplainMaps, ImageInfo, SourceMaps, TokenMaps, VariantInfo  # noqa: E402
 from vitlens.report.image_source import ImageLookup  # noqa: E402
 
 #: At most this many block panels per token figure (evenly spaced, first and last kept).
@@ -287,7 +290,7 @@ def draw_explain_figure(variant: VariantInfo, info: ImageInfo, maps: ExplainMaps
     blocks = sorted(maps.ours_blocks)
     top_block = max(blocks, key=lambda b: float(np.nansum(np.clip(maps.ours_blocks[b], 0, None))))
     heads = maps.ours_heads.get(top_block)
-    panels: list[tuple[str, np.ndarray, float]] = [("image", np.empty(0), 1.0)]
+    panels: list[tuple[str, np.ndarray, float]] = []
     panels.append(("ours: global (sum of blocks)", grid(maps.ours_global), _scaled(maps.ours_global)))
     if maps.chefer is not None:
         panels.append(("chefer", grid(maps.chefer), _scaled(maps.chefer)))
@@ -296,17 +299,43 @@ def draw_explain_figure(variant: VariantInfo, info: ImageInfo, maps: ExplainMaps
     if heads is not None:
         head_peak = _scaled(heads)
         panels += [(f"block {top_block}, head {h}", grid(heads[h]), head_peak) for h in range(heads.shape[0])]
-    fig, axes = _axes_grid(len(panels))
-    label_grid = None
+    return _diverging_figure(variant, lookup, panels, "importance / largest |importance| of its group",
+                             f"{variant.name} · {info.image_key}: explainability for "
+                             f"{variant.class_name(info.class_index)}", path)
+
+
+def _diverging_figure(variant: VariantInfo, lookup: ImageLookup, panels: list[tuple[str, np.ndarray, float]],
+                      colour_label: str, title: str, path: Path) -> Path:
+    """The image, then one panel per (title, [rows, cols] grid, scale) coloured by value / scale
+    on the diverging map (PuOr) with the object's outline; one colour bar."""
+    fig, axes = _axes_grid(len(panels) + 1)
     image = lookup.image.pixels if lookup.image is not None else None
     object_mask = lookup.image.object_mask if lookup.image is not None else None
-    _image_panel(axes[0], variant, lookup, label_grid)
+    _image_panel(axes[0], variant, lookup, None)
     norm = Normalize(-1.0, 1.0)
-    for ax, (title, values, peak) in zip(axes[1:], panels[1:]):
+    for ax, (panel_title, values, peak) in zip(axes[1:], panels):
         draw_cells(ax, values / peak, variant, IMPORTANCE_CMAP, norm, image, alpha=0.75)
         draw_outline(ax, variant, object_mask, None, colour="black")
-        ax.set_title(title, fontsize=8)
-    _colour_bar(fig, norm, IMPORTANCE_CMAP, "importance / largest |importance| of its group")
-    fig.suptitle(f"{variant.name} · {info.image_key}: explainability for "
-                 f"{variant.class_name(info.class_index)}", fontsize=10)
+        ax.set_title(panel_title, fontsize=8)
+    _colour_bar(fig, norm, IMPORTANCE_CMAP, colour_label)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def draw_source_figure(variant: VariantInfo, info: ImageInfo, maps: SourceMaps, lookup: ImageLookup,
+                       path: Path) -> Path:
+    """Where the CLS reads the true class from, block by block (METHOD §3b): every image token's
+    source term in the CLS's DLA, summed over heads; all blocks share one scale (the largest
+    |term|), so blocks compare; a panel's title gives the CLS's DLA and the share of it read
+    from the image tokens (the rest comes from the prefix tokens, the CLS itself included)."""
+    grid = lambda v: token_grid(v, variant.grid_rows, variant.grid_cols, variant.num_prefix_tokens)  # noqa: E731
+    peak = _scaled([values[variant.num_prefix_tokens:] for values in maps.blocks.values()])
+    panels = []
+    for block, values in maps.blocks.items():
+        total = maps.cls_dla[block]
+        image_part = float(np.nansum(values[variant.num_prefix_tokens:]))
+        share = f"\n{100 * image_part / total:.0f}% of it from image tokens" if abs(total) > 1e-12 else ""
+        panels.append((f"block {block}: CLS DLA {total:+.2f}{share}", grid(values), peak))
+    return _diverging_figure(variant, lookup, panels, "source term / largest |term| (all blocks)",
+                             f"{variant.name} · {info.image_key}: where the CLS reads "
+                             f"{variant.class_name(info.class_index)} from", path)

@@ -4,7 +4,8 @@
 misclassified alternating); `_ResultSet` runs the gallery's queries on one Parquet result set
 (`vitlens.report.results`) and returns its rows as the typed records below: `VariantInfo`
 (`variants`), `ImageInfo` (`images`), `TokenMaps` (`tokens`, residual stream) and
-`ExplainMaps` (`explain`, methods `ours` and `chefer`). Nothing here draws.
+`ExplainMaps` (`explain`, methods `ours` and `chefer`) and `SourceMaps` (`heads`: where the CLS
+reads its class from). Nothing here draws.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vitlens.report.results import open_results, result_files
 #: The lens experiment whose `images`/`tokens` rows the gallery draws (the unperturbed model).
 GALLERY_EXPERIMENT = "baseline"
 EXPLAIN_EXPERIMENT = "explain"
+HEADS_EXPERIMENT = "heads"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,16 @@ class ExplainMaps:
     def ours_global(self) -> np.ndarray:
         """The global map: the sum of the per-block maps (paper §7)."""
         return np.nansum(np.stack(list(self.ours_blocks.values())), axis=0)
+
+
+@dataclass(frozen=True)
+class SourceMaps:
+    """Where the CLS reads its class from (experiment `heads`, METHOD §3b): per block, every
+    token's term as a source of the CLS's direct logit attribution, summed over heads, [T] over
+    the full sequence (NaN: no row), and the CLS's DLA summed over heads."""
+
+    blocks: dict[int, np.ndarray]  # block -> [T] source terms summed over heads
+    cls_dla: dict[int, float]  # block -> the CLS's DLA (= the sum of that block's source terms)
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -185,6 +197,18 @@ class _ResultSet:
                 rank[block, token], top1[block, token] = r, -1 if t is None else t
                 label[token] = lab
         return TokenMaps(rank, top1, label)
+
+    def source_maps(self, variant: VariantInfo, info: ImageInfo) -> SourceMaps | None:
+        """The CLS's source terms per block of one image (summed over heads), or None."""
+        rows = self._select("block, token, sum(cls_source_dla)", "heads", variant.name, HEADS_EXPERIMENT,
+                            info.shard, "image_key = ? AND cls_source_dla IS NOT NULL GROUP BY block, token",
+                            [info.image_key])
+        blocks: dict[int, np.ndarray] = {}
+        for block, token, value in rows:
+            if 0 <= token < variant.num_tokens:
+                blocks.setdefault(int(block), np.full(variant.num_tokens, np.nan))[token] = value
+        dla = {block: float(np.nansum(values)) for block, values in blocks.items()}
+        return SourceMaps(dict(sorted(blocks.items())), dla) if blocks else None
 
     def explain_maps(self, variant: VariantInfo, info: ImageInfo) -> ExplainMaps | None:
         """Method `ours` per block (and head) and `chefer`'s global map of one image, or None."""

@@ -384,10 +384,6 @@ class ModelAdapter(ABC):
         return branch.resid_post[:, 0]
 
     # ---- heads (METHOD §3b) ----------------------------------------------------------------
-    #: the head path stays linear at a frozen scale although it pools by attention (open_clip's
-    #: attentional pooler reads one key with weight 1; timm's and SigLIP's `map` heads have an MLP)
-    linear_attention_pool: ClassVar[bool] = False
-
     def attention_heads(self, index: int) -> AttentionHeads:
         """Block `index`'s attention output as a linear map of its coefficients: timm's standard
         anatomy, `blocks[index - 1].attn.proj` and the layer scale `ls1` or `gamma_1`. Raises
@@ -410,12 +406,13 @@ class ModelAdapter(ABC):
 
     def heads_problem(self, anatomy: ViTAnatomy) -> str | None:
         """Why per-head attribution (METHOD §3b) does not apply to this model, or None: a
-        post-norm block, an attention pool with an MLP, a block whose attention output is no
+        post-norm block, an attention-pooling head, a block whose attention output is no
         per-head sum (`attention_heads`) or whose values the family does not expose."""
         if anatomy.post_norm:
             return "post-norm blocks: the attention output passes the block's own norm, not a per-head sum"
-        if anatomy.global_pool == "map" and not self.linear_attention_pool:
-            return "the attention-pooling head has an MLP: the head path is not linear at a frozen scale"
+        if anatomy.global_pool == "map":
+            return ("the head pools by attention (global_pool='map'): its own norm and layers (an MLP in timm's "
+                    "and SigLIP's) are not linearised by freezing the final norm's scale")
         try:
             for index in range(1, anatomy.num_blocks + 1):
                 self.attention_heads(index)

@@ -154,7 +154,6 @@ class OpenClipAdapter(ModelAdapter):
 
     family = "open_clip"
     model_classes = (VisionTransformer,) if VisionTransformer is not None else ()
-    linear_attention_pool = True  # the attentional pooler reads one key with weight 1: linear
 
     def attention_heads(self, index: int) -> AttentionHeads:
         """`attn.out_proj` and `ls_1` of block `index` (`head_scale` is in the values); `ln_inner`
