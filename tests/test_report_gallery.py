@@ -338,10 +338,10 @@ def test_report_gallery_options():
 
 
 def test_token_maps_read_from_the_shard_file_or_the_view_agree(result_set: Path):
-    from vitlens.report.gallery import _ResultSet
+    from vitlens.report.gallery import ResultSet
 
     info = ImageInfo("a0", "toy-validation-000000", 0, "circle", 0, True)
-    results = _ResultSet(result_set)
+    results = ResultSet(result_set)
     try:
         direct = results.token_maps(VARIANT, "baseline", info)
         explain = results.explain_maps(VARIANT, info)
@@ -357,7 +357,7 @@ def test_token_maps_read_from_the_shard_file_or_the_view_agree(result_set: Path)
     # a shard id without its own file (another layout): the same rows through the view
     stored = table_file(result_set, "tokens", "toy", "baseline", "toy-validation-000000")
     stored.rename(stored.with_name("elsewhere.parquet"))
-    results = _ResultSet(result_set)
+    results = ResultSet(result_set)
     try:
         via_view = results.token_maps(VARIANT, "baseline", info)
     finally:

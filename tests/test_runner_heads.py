@@ -132,7 +132,7 @@ def test_gallery_and_show_draw_where_the_cls_reads_from(results, tmp_path: Path,
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from vitlens.report.gallery import _ResultSet, write_image_figures
+    from vitlens.report.gallery import ResultSet, write_image_figures
 
     table = ds.dataset(str(results["tokens"] / "table=heads"), format="parquet", partitioning="hive").to_table()
     key = sorted(set(table.column("image_key").to_pylist()))[0]
@@ -140,7 +140,7 @@ def test_gallery_and_show_draw_where_the_cls_reads_from(results, tmp_path: Path,
     expected = np.zeros((DEPTH, TOKENS))
     for row in rows:
         expected[row["block"] - 1, row["token"]] += row["cls_source_dla"]
-    found = _ResultSet(results["tokens"])
+    found = ResultSet(results["tokens"])
     try:
         variant = found.variant(VARIANT)
         info = next(i for i in found.images(VARIANT, "baseline") if i.image_key == key)

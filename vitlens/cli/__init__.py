@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vitlens.cli.report",
     "vitlens.cli.verify",
     "vitlens.cli.show",
+    "vitlens.cli.explore",
     "vitlens.cli.explain",
 )
 

@@ -16,8 +16,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description=(
             "Draws, for IMAGE_KEY of --variant, the residual stream's token grid over the image block by "
             "block (coloured by the true class's identifiability score 1 - rank/C, rank 0 dotted), the "
-            "object's outline, the top-1 class per token in the last block and, where experiment explain "
-            "ran, its global and per-block maps. The image is re-read from its shard; when the shard is "
+            "object's outline, the top-1 class per token in the last block, where experiment explain "
+            "ran its global and per-block maps, and where experiment heads ran where the CLS reads its class "
+            "from, block by block. The image is re-read from its shard; when the shard is "
             "gone the maps are drawn without it. Needs a job with detail = \"tokens\" for the token maps."
         ),
     )

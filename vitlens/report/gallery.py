@@ -45,7 +45,7 @@ from vitlens.report.gallery_select import (  # noqa: F401
     ImageInfo,
     SourceMaps,
     VariantInfo,
-    _ResultSet,
+    ResultSet,
     select_keys,
 )
 from vitlens.report.image_source import ImageLookup, load_sample
@@ -127,7 +127,7 @@ def _caption_sources(variant: VariantInfo, info: ImageInfo, lookup: ImageLookup)
     return text
 
 
-def _draw_image(results: _ResultSet, variant: VariantInfo, experiment: str, info: ImageInfo, tokens: bool,
+def _draw_image(results: ResultSet, variant: VariantInfo, experiment: str, info: ImageInfo, tokens: bool,
                 out_dir: Path, folder: Path) -> list[GalleryFigure]:
     """Every figure of one image, written under `folder` (paths relative to `out_dir`)."""
     lookup = load_sample(results.shard_urls.get(info.shard), info.shard, info.image_key, variant.data_config)
@@ -160,7 +160,7 @@ def _variant_note(variant: str) -> GalleryFigure:
                          "(token grid, eval transform, class names; written by jobs of schema v5 on).")
 
 
-def _check_variants(results: _ResultSet, wanted: Sequence[str]) -> list[str]:
+def _check_variants(results: ResultSet, wanted: Sequence[str]) -> list[str]:
     known = results.variant_names()
     unknown = [v for v in wanted if v not in known]
     if unknown:
@@ -177,7 +177,7 @@ def write_gallery(results_dir: str | Path, out_dir: str | Path,
     variant has.
     """
     out = Path(out_dir)
-    results = _ResultSet(results_dir)
+    results = ResultSet(results_dir)
     try:
         variants = _check_variants(results, selection.variants)
         plans = []
@@ -201,7 +201,7 @@ def write_gallery(results_dir: str | Path, out_dir: str | Path,
         results.close()
 
 
-def _draw_variant(results: _ResultSet, name: str, experiment: str | None, chosen: list[ImageInfo], out: Path,
+def _draw_variant(results: ResultSet, name: str, experiment: str | None, chosen: list[ImageInfo], out: Path,
                   folder: Path) -> list[GalleryFigure]:
     if not chosen or experiment is None:
         return []
@@ -220,7 +220,7 @@ def write_image_figures(results_dir: str | Path, variant: str, image_key: str,
     """Every gallery figure of one image of one variant, written straight into `out_dir`
     (`vitlens show`). Raises UserError naming an unknown variant or key."""
     out = Path(out_dir)
-    results = _ResultSet(results_dir)
+    results = ResultSet(results_dir)
     try:
         _check_variants(results, [variant])
         experiment = results.experiment(variant)

@@ -1,7 +1,7 @@
 """The gallery's reading side: which images to draw and their rows in the result set.
 
 `select_keys` picks the images of a variant (the first `per_class` of each class, correct and
-misclassified alternating); `_ResultSet` runs the gallery's queries on one Parquet result set
+misclassified alternating); `ResultSet` runs the gallery's queries on one Parquet result set
 (`vitlens.report.results`) and returns its rows as the typed records below: `VariantInfo`
 (`variants`), `ImageInfo` (`images`), `TokenMaps` (`tokens`, residual stream) and
 `ExplainMaps` (`explain`, methods `ours` and `chefer`) and `SourceMaps` (`heads`: where the CLS
@@ -123,7 +123,7 @@ def select_keys(images: Sequence[ImageInfo], per_class: int = 1, max_images: int
 # ---------------------------------------------------------------------------------------- reading
 
 
-class _ResultSet:
+class ResultSet:
     """The queries the gallery runs on one result set."""
 
     def __init__(self, results_dir: str | Path) -> None:
@@ -179,15 +179,17 @@ class _ResultSet:
             return "read_parquet(?)", [self.files.storage.url(key)]
         return f"{table} WHERE variant = ? AND experiment = ? AND", [variant, experiment]
 
-    def _select(self, columns: str, table: str, variant: str, experiment: str, shard: str, where: str,
-                params: list[Any]) -> list[tuple]:
+    def shard_rows(self, columns: str, table: str, variant: str, experiment: str, shard: str, where: str,
+                   params: list[Any]) -> list[tuple]:
+        """`SELECT columns FROM table WHERE where` over one (variant, experiment) and the rows of one
+        shard (its own file when it exists); `params` fill the `?` of `where`."""
         source, source_params = self._source(table, variant, experiment, shard)
         glue = "" if source.endswith("AND") else " WHERE"
         return self.con.execute(f"SELECT {columns} FROM {source}{glue} {where}", source_params + params).fetchall()
 
     def token_maps(self, variant: VariantInfo, experiment: str, info: ImageInfo) -> TokenMaps:
         """Rank, top-1 and label of every residual-stream token of one image."""
-        rows = self._select("block, token, label, identifiability_rank, top5_class[1]", "tokens", variant.name,
+        rows = self.shard_rows("block, token, label, identifiability_rank, top5_class[1]", "tokens", variant.name,
                             experiment, info.shard, "image_key = ? AND stream = 'resid'", [info.image_key])
         shape = (variant.num_blocks + 1, variant.num_tokens)
         rank, top1 = np.full(shape, -1, dtype=np.int64), np.full(shape, -1, dtype=np.int64)
@@ -200,7 +202,7 @@ class _ResultSet:
 
     def source_maps(self, variant: VariantInfo, info: ImageInfo) -> SourceMaps | None:
         """The CLS's source terms per block of one image (summed over heads), or None."""
-        rows = self._select("block, token, sum(cls_source_dla)", "heads", variant.name, HEADS_EXPERIMENT,
+        rows = self.shard_rows("block, token, sum(cls_source_dla)", "heads", variant.name, HEADS_EXPERIMENT,
                             info.shard, "image_key = ? AND cls_source_dla IS NOT NULL GROUP BY block, token",
                             [info.image_key])
         blocks: dict[int, np.ndarray] = {}
@@ -212,7 +214,7 @@ class _ResultSet:
 
     def explain_maps(self, variant: VariantInfo, info: ImageInfo) -> ExplainMaps | None:
         """Method `ours` per block (and head) and `chefer`'s global map of one image, or None."""
-        rows = self._select("method::VARCHAR, block, token, importance, head_importance", "explain", variant.name,
+        rows = self.shard_rows("method::VARCHAR, block, token, importance, head_importance", "explain", variant.name,
                             EXPLAIN_EXPERIMENT, info.shard, "image_key = ? AND method IN ('ours', 'chefer')",
                             [info.image_key])
         blocks: dict[int, np.ndarray] = {}
