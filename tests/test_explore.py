@@ -294,3 +294,23 @@ def test_the_command_prints_a_url_with_its_token_and_stops_cleanly(result_sets, 
     done = subprocess.run([sys.executable, "-m", "vitlens", "explore", "--results", str(empty), "--port", "0"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_images_sort_by_their_explain_auc(explorer, result_sets) -> None:
+    """The per-image negative deletion AUC of method ours: the trapezoid of `correct` over
+    `kept_fraction`, recomputed here in numpy from the stored curves."""
+    import numpy as np
+
+    rows = duckdb.connect().execute(
+        f"SELECT image_key, kept_fraction, correct::INT FROM read_parquet('{result_sets['tokens']}/"
+        f"table=perturbation_curves/variant={VARIANT}/experiment=explain/*.parquet') "
+        "WHERE method = 'ours' AND test = 'negative' ORDER BY image_key, kept_tokens").fetchall()
+    expected: dict[str, float] = {}
+    for key in {r[0] for r in rows}:
+        x, y = (np.array([r[i] for r in rows if r[0] == key], dtype=float) for i in (1, 2))
+        expected[key] = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    page = explorer.json(f"/api/images?variant={VARIANT}&sort=ours_negative_auc&desc=true&limit=100")
+    got = {row["image_key"]: row["ours_negative_auc"] for row in page["images"]}
+    assert got.keys() == expected.keys() and all(abs(got[k] - expected[k]) < 1e-9 for k in got)
+    values = [row["ours_negative_auc"] for row in page["images"]]
+    assert values == sorted(values, reverse=True)

@@ -29,6 +29,8 @@ SORT_KEYS: dict[str, str] = {
     "correct": "correctly classified first (descending)",
     "last_block_id_pct": "% of image tokens identifiable in the residual stream of the last block",
     "cls_last_block_rank": "the CLS token's identifiability rank in the last block",
+    "ours_negative_auc": "the image's negative deletion-test AUC of method ours (experiment explain): the "
+                         "prediction kept with the most important tokens first",
 }
 STREAMS: tuple[str, ...] = ("resid", "attn", "mlp")
 #: The experiment whose rows the explorer shows (the unperturbed model).
@@ -69,6 +71,16 @@ class ExploreData:
                    sum(c.rank_sum) FILTER (WHERE c.token_kind = 'cls') AS cls_last_block_rank
             FROM image_curves c JOIN depth d ON d.variant = c.variant AND c.block = d.depth
             GROUP BY c.variant, c.image_key""")
+        con.execute("""
+            CREATE TABLE image_auc AS
+            WITH points AS (
+                SELECT variant, image_key, kept_fraction::DOUBLE AS x, correct::INT AS y,
+                       lag(kept_fraction::DOUBLE) OVER w AS x0, lag(correct::INT) OVER w AS y0
+                FROM perturbation_curves
+                WHERE experiment = 'explain' AND method = 'ours' AND test = 'negative'
+                WINDOW w AS (PARTITION BY variant, image_key ORDER BY kept_tokens))
+            SELECT variant, image_key, coalesce(sum((x - x0) * (y + y0) / 2.0), 0) AS ours_negative_auc
+            FROM points GROUP BY variant, image_key""")
         con.execute("""
             CREATE TABLE image_index AS
             SELECT variant, image_key, shard, class_index, class_name, prediction, correct FROM images
@@ -121,18 +133,20 @@ class ExploreData:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
-        order = f"{'s.' if sort in ('last_block_id_pct', 'cls_last_block_rank') else 'i.'}{sort}"
+        table = {"last_block_id_pct": "s", "cls_last_block_rank": "s", "ours_negative_auc": "a"}.get(sort, "i")
+        order = f"{table}.{sort}"
         direction = "DESC" if descending else "ASC"
         base = (f"FROM image_index i LEFT JOIN image_stats s ON s.variant = i.variant AND s.image_key = i.image_key "
+                f"LEFT JOIN image_auc a ON a.variant = i.variant AND a.image_key = i.image_key "
                 f"WHERE {' AND '.join(where)}")
         (total,) = self._rows(f"SELECT count(*) {base}", params)[0]
         rows = self._rows(
             f"SELECT i.image_key, i.shard, i.class_index, i.class_name, i.prediction, i.correct, "
-            f"s.last_block_id_pct, s.cls_last_block_rank {base} "
+            f"s.last_block_id_pct, s.cls_last_block_rank, a.ours_negative_auc {base} "
             f"ORDER BY {order} {direction} NULLS LAST, i.image_key LIMIT ? OFFSET ?",
             params + [max(1, min(int(limit), MAX_PAGE)), max(0, int(offset))])
         names = ("image_key", "shard", "class_index", "class_name", "prediction", "correct", "last_block_id_pct",
-                 "cls_last_block_rank")
+                 "cls_last_block_rank", "ours_negative_auc")
         return {"total": int(total), "images": [dict(zip(names, row)) for row in rows]}
 
     def image_info(self, variant: str, key: str) -> ImageInfo:

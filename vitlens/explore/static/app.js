@@ -97,6 +97,7 @@ async function showImages(s) {
     if (!row.correct) prediction.className = "wrong";
     tr.insertCell().textContent = fmt(row.last_block_id_pct, 1) + " %";
     tr.insertCell().textContent = row.cls_last_block_rank === null ? "—" : row.cls_last_block_rank;
+    tr.insertCell().textContent = fmt(row.ours_negative_auc, 3);
     tr.onclick = () => go({view: "image", key: row.image_key, block: variant.num_blocks, stream: "resid"});
   }
   await drawCurves($("list-curves"), s.variant, page.images.map((r) => r.image_key), "this page");
@@ -354,7 +355,8 @@ async function start() {
   const variants = await api("/api/variants");
   variants.forEach((v) => { VARIANTS[v.name] = v; $("variant").add(new Option(v.name, v.name)); });
   for (const [value, text] of [["image_key", "key"], ["class_index", "class"], ["correct", "correct"],
-    ["last_block_id_pct", "identifiable image tokens, last block"], ["cls_last_block_rank", "CLS rank, last block"]]) {
+    ["last_block_id_pct", "identifiable image tokens, last block"], ["cls_last_block_rank", "CLS rank, last block"],
+    ["ours_negative_auc", "explain: negative deletion AUC (ours)"]]) {
     $("f-sort").add(new Option(text, value));
   }
   $("variant").onchange = () => go({variant: $("variant").value, view: "images", offset: 0, class: "", key: ""});
