@@ -147,6 +147,18 @@ def test_tokens_and_images_are_the_stored_rows(explorer, result_sets) -> None:
     assert page["total"] == expected and all(not row["correct"] for row in page["images"])
     rates = [row["last_block_id_pct"] for row in page["images"]]
     assert rates == sorted(rates, reverse=True)
+    # the curves of two images and of the whole set, against the tokens rows
+    other = explorer.json(f"/api/images?variant={VARIANT}&sort=image_key&desc=true&limit=1")["images"][0]["image_key"]
+    assert other != key
+    curves = explorer.json(f"/api/curves?variant={VARIANT}&keys={key},{other}")[VARIANT]
+    tokens = f"read_parquet('{result_sets['tokens']}/table=tokens/variant={VARIANT}/experiment=baseline/*.parquet')"
+    rate = ("SELECT block, token_kind::VARCHAR, 100.0 * avg((identifiability_rank = 0)::INT) FROM " + tokens +
+            " WHERE stream = 'resid' AND token_kind IN ('cls', 'image') {} GROUP BY ALL ORDER BY ALL")
+    chosen = duckdb.connect().execute(rate.format("AND image_key IN (?, ?)"), [key, other]).fetchall()
+    whole = duckdb.connect().execute(rate.format("")).fetchall()
+    for got, expected in ((curves["chosen"], chosen), (curves["set"], whole)):
+        assert [(b, k) for b, k, _ in got] == [(b, k) for b, k, _ in expected]
+        assert [v for *_, v in got] == pytest.approx([v for *_, v in expected])
     heads = explorer.json(f"/api/heads?variant={VARIANT}&key={key}")
     assert heads["token_kind"] == "cls" and {c["block"] for c in heads["cells"]} == set(range(1, DEPTH + 1))
     status, body, headers = explorer.get(f"/api/picture?variant={VARIANT}&key={key}")

@@ -103,10 +103,10 @@ def block_head_importance(
     require_class_token(adapter.anatomy)
     prefix = adapter.anatomy.num_prefix_tokens
     if ln == "frozen":
-        final_norms(model)  # an unknown norm class fails before any work
+        final_norms(adapter)  # an unknown norm class fails before any work
 
     def norm_mode() -> contextlib.AbstractContextManager:
-        return frozen_final_norm(model) if ln == "frozen" else contextlib.nullcontext()
+        return frozen_final_norm(adapter) if ln == "frozen" else contextlib.nullcontext()
 
     leaves: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []

@@ -54,11 +54,6 @@ class HeadBatch:
         """H."""
         return int(self.dla.shape[2])
 
-    def to(self, device: torch.device | str) -> "HeadBatch":
-        """Every tensor moved to `device` (call once per batch, after the block loop)."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return HeadBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
-
 
 def head_attribution(
     model: torch.nn.Module | ModelAdapter,

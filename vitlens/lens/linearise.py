@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from timm.layers import norm as timm_norm
@@ -98,15 +98,17 @@ else:
     FROZEN_NORMS[_OpenClipLayerNorm] = FROZEN_NORMS[_OpenClipLayerNormFp32] = _frozen_layer_norm
 
 
-def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The head-path norms of `model` that normalise a token, as its family adapter names them
-    (timm: `norm`, `fc_norm`; open_clip: `ln_post`; transformers: the final layernorms);
-    raises `UserError` naming a norm class `ln="frozen"` does not know.
+def final_norms(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The head-path norms of `model` (a model, or its family adapter when the caller has one)
+    that normalise a token, as the family adapter names them (timm: `norm`, `fc_norm`;
+    open_clip: `ln_post`; transformers: the final layernorms); raises `UserError` naming a norm
+    class `ln="frozen"` does not know.
     """
-    found = []
-    from vitlens.lens.families import adapter_for  # the adapters import this module
+    from vitlens.lens.families import ModelAdapter, adapter_for  # the adapters import this module
 
-    for name, module in adapter_for(model).final_norms():
+    adapter = model if isinstance(model, ModelAdapter) else adapter_for(model)
+    found = []
+    for name, module in adapter.final_norms():
         if type(module) not in FROZEN_NORMS:
             known = sorted({f"{c.__module__}.{c.__name__}" for c in FROZEN_NORMS})
             raise UserError(f"ln='frozen' cannot detach the scale of model.{name} ({type(module).__name__}): "
@@ -116,7 +118,7 @@ def final_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 @contextlib.contextmanager
-def frozen_final_norm(model: torch.nn.Module) -> Iterator[None]:
+def frozen_final_norm(model: Any) -> Iterator[None]:
     """Inside the `with` block, the model's head-path norms (`final_norms`: timm's `model.norm` and
     `model.fc_norm`, open_clip's `ln_post`, ...) compute the same values with their
     per-token scale detached (LayerNorm's 1/σ, RmsNorm's 1/rms), so gradients flow through the
@@ -164,7 +166,7 @@ def frozen_unit_length() -> Iterator[None]:
         _UNIT_LENGTH_FROZEN.reset(token)
 
 
-def readout_direction(adapter: object, resid: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+def readout_direction(adapter: Any, resid: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
     """The linearised correct-class readout of every token (METHOD §3b): the gradient of
     `adapter.correct_class_logit` at `resid` with every head-path scale detached (the final
     norms' and the text class space's L2 normalisation). Each token's logit depends on that
@@ -177,7 +179,7 @@ def readout_direction(adapter: object, resid: torch.Tensor, class_index: torch.T
         raise RuntimeError("readout_direction needs autograd: call it outside torch.inference_mode()")
     with torch.enable_grad():
         x = resid.detach().clone().requires_grad_(True)
-        with frozen_final_norm(adapter.model), frozen_unit_length():  # type: ignore[attr-defined]
-            logit = adapter.correct_class_logit(x, class_index).sum()  # type: ignore[attr-defined]
+        with frozen_final_norm(adapter), frozen_unit_length():
+            logit = adapter.correct_class_logit(x, class_index).sum()
         (direction,) = torch.autograd.grad(logit, x)
     return direction

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vitlens.lens.heads import HeadBatch
+from vitlens.metrics.summary import group_sum, kind_label_groups
 
 
 @dataclass
@@ -32,18 +33,14 @@ class SourceSums:
     abs_sum: torch.Tensor  # [B, L, H, K, G, G] float64 the same with |term|
 
 
-def _groups(token_kind: torch.Tensor, token_label: torch.Tensor, num_labels: int, device: torch.device) -> torch.Tensor:
-    """Each token's (kind, label) bin. # token_kind: [T], token_label: [B, T] -> [B, T] int64"""
-    return token_kind.to(device).long()[None, :] * num_labels + token_label.to(device).long()
-
-
 def _bin_sum(values: torch.Tensor, group: torch.Tensor, bins: int) -> torch.Tensor:
-    """Sum over the token axis (axis 3) into `bins`. # values: [B, L, H, T, *E], group: [B, T] -> [B, L, H, bins, *E]"""
-    shape = list(values.shape)
-    shape[3] = bins
-    out = torch.zeros(shape, dtype=torch.float64, device=values.device)
-    index = group[:, None, None, :].reshape(group.shape[0], 1, 1, group.shape[1], *([1] * (values.ndim - 4)))
-    return out.scatter_add_(3, index.expand_as(values), values.double())
+    """Sum over the token axis (axis 3) into `bins` (float64).
+
+    # values: [B, L, H, T, *E], group: [B, T] -> [B, L, H, bins, *E]
+    """
+    extra = values.ndim - 4
+    index = group.reshape(group.shape[0], 1, 1, *([1] * extra), group.shape[1])  # [B, 1, 1, 1.., T]
+    return group_sum(values.movedim(3, -1), index, bins, torch.float64).movedim(-1, 3)
 
 
 def summarise_heads(heads: HeadBatch, token_kind: torch.Tensor, token_label: torch.Tensor,
@@ -53,10 +50,10 @@ def summarise_heads(heads: HeadBatch, token_kind: torch.Tensor, token_label: tor
     # heads.dla: [B, L, H, T], token_kind: [T], token_label: [B, T] -> (HeadSummary, SourceSums)
     """
     written = ~heads.dla.isnan()  # [B, L, H, T]
-    group = _groups(token_kind, token_label, num_labels, heads.dla.device)
+    group = kind_label_groups(token_kind, token_label, num_labels, heads.dla.device)
     bins = num_kinds * num_labels
     shape = (*written.shape[:3], num_kinds, num_labels)
-    count = _bin_sum(written.double(), group, bins).round().long().reshape(shape)
+    count = group_sum(written, group[:, None, None, :], bins).reshape(shape)  # int64
     dla = _bin_sum(heads.dla.nan_to_num(0.0), group, bins).reshape(shape)
     sources = (*shape, heads.source_dla.shape[-1])
     signed = _bin_sum(heads.source_dla.nan_to_num(0.0), group, bins).reshape(sources)

@@ -41,13 +41,23 @@ class ResidualMatch:
     composite: torch.Tensor  # matches none of the three
 
 
-def _group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Sum `values` over the last axis into `num_groups` bins given per position.
+def group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int,
+              dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Sum `values` over the last axis into `num_groups` bins given per position, in `dtype`.
 
-    # values: [..., T] , group: [..., T] int64 in [0, num_groups) -> [..., num_groups] int64
+    # values: [..., T] , group: [..., T] int64 in [0, num_groups) (broadcast) -> [..., num_groups]
     """
-    out = torch.zeros(*values.shape[:-1], num_groups, dtype=torch.int64, device=values.device)
-    return out.scatter_add_(-1, group.expand_as(values), values.to(torch.int64))
+    out = torch.zeros(*values.shape[:-1], num_groups, dtype=dtype, device=values.device)
+    return out.scatter_add_(-1, group.expand_as(values), values.to(dtype))
+
+
+def kind_label_groups(token_kind: torch.Tensor, token_label: torch.Tensor, num_labels: int,
+                      device: torch.device) -> torch.Tensor:
+    """Each token's (kind, label) bin, `kind · G + label`.
+
+    # token_kind: [T] int, token_label: [B, T] int -> [B, T] int64
+    """
+    return token_kind.to(device).long()[None, :] * num_labels + token_label.to(device).long()
 
 
 def summarise_tokens(
@@ -60,13 +70,12 @@ def summarise_tokens(
     """
     present = batch.rank != RANK_FILL  # [B, L+1, 3, T]
     present &= batch.token_present[:, None, None, :]
-    group = (token_kind.to(present.device).long()[None, :] * num_labels + token_label.to(present.device).long())
-    group = group[:, None, None, :]  # [B, 1, 1, T]
+    group = kind_label_groups(token_kind, token_label, num_labels, present.device)[:, None, None, :]  # [B, 1, 1, T]
     bins = num_kinds * num_labels
     shape = (*present.shape[:3], num_kinds, num_labels)
 
     def total(mask: torch.Tensor) -> torch.Tensor:
-        return _group_sum(mask & present, group, bins).reshape(shape)
+        return group_sum(mask & present, group, bins).reshape(shape)
 
     sublayer = torch.zeros(present.shape[2], dtype=torch.bool, device=present.device)
     sublayer[[STREAM_ATTN, STREAM_MLP]] = True
@@ -75,7 +84,7 @@ def summarise_tokens(
     return TokenSummary(
         tokens=total(present),
         identifiable=total(batch.rank == 0),
-        rank_sum=_group_sum(rank, group, bins).reshape(shape),
+        rank_sum=group_sum(rank, group, bins).reshape(shape),
         changed=total(sublayer & (batch.correct_logit > batch.input_correct_logit)),
         kv_agree=total(sublayer & batch.key_value_agreement),
         non_compositional=total(sublayer & batch.non_compositional),
@@ -97,13 +106,12 @@ def summarise_residual_match(
     attn = resid == top1[:, 1:, STREAM_ATTN]
     mlp = resid == top1[:, 1:, STREAM_MLP]
     previous = resid == top1[:, :-1, STREAM_RESID]
-    group = (token_kind.to(exists.device).long()[None, :] * num_labels + token_label.to(exists.device).long())
-    group = group[:, None, :]  # [B, 1, T]
+    group = kind_label_groups(token_kind, token_label, num_labels, exists.device)[:, None, :]  # [B, 1, T]
     bins = num_kinds * num_labels
     shape = (*exists.shape[:2], num_kinds, num_labels)
 
     def total(mask: torch.Tensor) -> torch.Tensor:
-        return _group_sum(mask & exists, group, bins).reshape(shape)
+        return group_sum(mask & exists, group, bins).reshape(shape)
 
     return ResidualMatch(
         tokens=total(exists), attn_match=total(attn), mlp_match=total(mlp), previous_match=total(previous),

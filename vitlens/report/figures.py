@@ -134,7 +134,7 @@ FIGURES: tuple[FigureSpec, ...] = (
 @dataclass(frozen=True)
 class HeatmapSpec:
     """How to draw one query's result as heatmaps: one panel per `panel_by` value, `y` rows
-    (top to bottom) by `x` columns, coloured by `value`; `only` filters rows first."""
+    (top to bottom) by `x` columns, coloured by `value`."""
 
     name: str
     query: str
@@ -144,7 +144,6 @@ class HeatmapSpec:
     y: str
     value: str
     colorbar: str
-    only: tuple[tuple[str, str], ...] = ()
 
 
 HEATMAPS: tuple[HeatmapSpec, ...] = (
@@ -161,9 +160,6 @@ def draw_heatmap(spec: HeatmapSpec, result: pa.Table, path: Path, empty_reason: 
     # result rows: (panel_by..., x, y, value) -> one [y, x] grid per panel
     """
     frame = pl.from_arrow(result)
-    for column, value in spec.only:
-        if len(frame):
-            frame = frame.filter(pl.col(column) == value)
     panels = frame.select(spec.panel_by).unique().sort(spec.panel_by).rows() if len(frame) else []
     with plt.rc_context(FONTS):
         ncols = max(1, min(len(panels), int(MAX_WIDTH_IN // 2.8)))

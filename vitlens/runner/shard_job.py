@@ -38,6 +38,7 @@ from vitlens.lens.memories import SUBLAYERS
 from vitlens.metrics.sublayers import class_value_agreement
 from vitlens.models.registry import load_variant
 from vitlens.probe import probe_importance
+from vitlens.runner.device_clock import DeviceClock
 from vitlens.runner.probe_training import Trained, check_disjoint, train
 from vitlens.runner.spec import JobSpec
 from vitlens.store.background import BackgroundWriter
@@ -373,43 +374,3 @@ class ShardProcessor:
                 writers[table, experiment].write(rows)
 
         return write
-
-
-class DeviceClock:
-    """Time spent in the device step (`with clock:`): CUDA events on a GPU (read once, at the
-    end of the shard, so timing never synchronises the pipeline), wall time on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._cpu_seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-        self._started = 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def __enter__(self) -> "DeviceClock":
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self._events.append((start, torch.cuda.Event(enable_timing=True)))
-        else:
-            self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self._events[-1][1].record()
-        else:
-            self._cpu_seconds += time.perf_counter() - self._started
-
-    @property
-    def seconds(self) -> float:
-        """Total device-step seconds so far."""
-        if self.device.type != "cuda":
-            return self._cpu_seconds
-        torch.cuda.synchronize(self.device)
-        return sum(start.elapsed_time(end) for start, end in self._events) / 1000
-
-    def peak_bytes(self) -> int:
-        """Peak device memory allocated during the shard (0 on the CPU)."""
-        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else 0

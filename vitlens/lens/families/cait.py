@@ -51,9 +51,8 @@ from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockCl
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, merge_heads
-from vitlens.lens.families.base import (
-    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
-)
+from vitlens.lens.families.attention_heads import AttentionHeads, output_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
 from vitlens.lens.families.common import TOKEN_OR_AVG, check_pool, pool_tokens, timm_anatomy
 from vitlens.lens.mlp import check_mlp, mlp_forward, mlp_values
 from vitlens.lens.trace import BlockTrace

@@ -44,9 +44,8 @@ import torch.nn.functional as F
 from vitlens.errors import UserError
 from vitlens.lens.attention import merge_heads
 from vitlens.lens.classifiers import ZeroShotClassifier
-from vitlens.lens.families.base import (
-    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
-)
+from vitlens.lens.families.attention_heads import AttentionHeads, output_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
 from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace
 

@@ -53,9 +53,8 @@ from torch import nn
 from vitlens.errors import UserError
 from vitlens.lens.attention import merge_heads
 from vitlens.lens.classifiers import HFImageClassifier
-from vitlens.lens.families.base import (
-    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, output_heads,
-)
+from vitlens.lens.families.attention_heads import AttentionHeads, output_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
 from vitlens.lens.families.common import pool_tokens
 from vitlens.lens.trace import BlockTrace
 

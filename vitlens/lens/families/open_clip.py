@@ -43,9 +43,8 @@ from torch import nn
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, merge_heads
-from vitlens.lens.families.base import (
-    AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy, check_sublayer, layer_scale_vector, output_heads,
-)
+from vitlens.lens.families.attention_heads import AttentionHeads, layer_scale_vector, output_heads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy, check_sublayer
 from vitlens.lens.families.common import pool_tokens
 from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlens.errors import UserError
-from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ModelAdapter, ViTAnatomy
+from vitlens.lens.families.attention_heads import AttentionHeads
+from vitlens.lens.families.base import AttentionArgs, ModelAdapter, ViTAnatomy
 from vitlens.lens.linearise import unit_length
 from vitlens.lens.trace import BlockTrace
 

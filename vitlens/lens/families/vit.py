@@ -30,7 +30,8 @@ from timm.models.vision_transformer import (
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import attention_sublayer, merge_heads
-from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ViTAnatomy, check_sublayer
+from vitlens.lens.families.attention_heads import AttentionHeads
+from vitlens.lens.families.base import AttentionArgs, ViTAnatomy, check_sublayer
 from vitlens.lens.families.common import (
     AbsolutePositionAdapter,
     check_attn_pool,

@@ -57,7 +57,8 @@ from timm.layers import Mlp
 
 from vitlens.errors import UserError
 from vitlens.lens.attention import AttentionResult, attend
-from vitlens.lens.families.base import AttentionArgs, AttentionHeads, ViTAnatomy
+from vitlens.lens.families.attention_heads import AttentionHeads
+from vitlens.lens.families.base import AttentionArgs, ViTAnatomy
 from vitlens.lens.families.cait import ClassAttentionAdapter, class_attention
 from vitlens.lens.families.common import require_type
 from vitlens.lens.mlp import mlp_forward
