@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py), as one prepared command for the device machine:
 #   bash benchmarks/gpu_check.sh            # writes $OUT/gpu_check.json (or ./gpu_check.json)
-# Sets up the venv when the machine is bare (make setup), then runs the check within 5 minutes.
+# Sets up the venv when the machine is bare (make setup), then runs the check within 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,4 +11,4 @@ export HOME="${HOME:-$(mktemp -d)}"
 if [ ! -f "$HOME/.ray/auth_token" ] && .venv/bin/ray get-auth-token --help >/dev/null 2>&1; then
     .venv/bin/ray get-auth-token --generate >/dev/null 2>&1 || true
 fi
-timeout 300 .venv/bin/python benchmarks/gpu_check.py "$@"
+timeout 480 .venv/bin/python benchmarks/gpu_check.py "$@"

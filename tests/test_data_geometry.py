@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.data_expectations import timm_transformed_mask
-from vitlens.data.geometry import EvalGeometry
+from vitlens.data.geometry import EvalGeometry, nearest_indices
+from vitlens.data.sample_format import mask_codes
 from vitlens.errors import UserError
 
 CONFIGS = [
@@ -40,7 +42,7 @@ def test_image_equals_timm_eval_transform(crop_mode, input_size, crop_pct, inter
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         ours, theirs = geometry.image(image), timm_transform(image)
         assert ours.shape == theirs.shape == (3, *input_size)
-        assert (ours - theirs).abs().max().item() < 1e-5
+        assert torch.equal(ours, theirs)  # bit-identical
 
 
 def test_from_a_timm_model_config() -> None:
@@ -92,3 +94,40 @@ def test_crop_offset_floor_starts_where_transformers_does() -> None:
     assert np.array_equal(floor.image_pixels(image)[:, :, 0], (pixels % 251)[:, 1:33])
     with pytest.raises(UserError, match="crop_offset"):
         EvalGeometry.from_data_config({**config, "crop_offset": "ceil"})
+
+
+def test_normalise_equals_the_float32_lookup_of_every_level() -> None:
+    """uint8 -> float32 on the device: every level equals (v / 255 - mean) / std computed in
+    numpy float32 (the lookup table the host used before, and timm's ToTensor + Normalize)."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    geometry = EvalGeometry((1, 256), 1.0, "center", "bicubic", mean, std)
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    table = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    pixels = torch.arange(256, dtype=torch.uint8).expand(2, 3, 1, 256)  # [B, 3, 1, 256]
+    ours = geometry.normalise(pixels)
+    assert ours.dtype == torch.float32 and ours.shape == (2, 3, 1, 256)
+    assert np.array_equal(ours[1, :, 0].numpy().view(np.uint32), table.view(np.uint32))
+
+
+def test_nearest_indices_equal_pil_nearest() -> None:
+    """The index arrays of the mask's resize pick the pixels PIL's NEAREST resize picks."""
+    for size_in in (1, 7, 37, 40, 56, 333, 375, 500):
+        row = Image.fromarray(np.arange(size_in, dtype=np.int32)[None, :])  # mode I: value = index
+        for size_out in (1, 5, 32, 44, 224, 256, 341, 571):
+            expected = np.asarray(row.resize((size_out, 1), Image.NEAREST))[0]
+            np.testing.assert_array_equal(nearest_indices(size_in, size_out), expected,
+                                          err_msg=f"{size_in}->{size_out}")
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "border"])
+def test_mask_codes_follow_timm_geometry(crop_mode) -> None:
+    """The code plane moves like the ids (timm's own NEAREST transform); padding is the ignore code."""
+    rng = np.random.default_rng(3)
+    cfg = _cfg((40, 40), 1.2, crop_mode, "bicubic")  # crop_pct > 1: padding
+    geometry = EvalGeometry.from_data_config(cfg)
+    for height, width in SOURCE_SIZES:
+        ids = rng.choice([0, 5, 9, 1000], size=(height, width))
+        ours = geometry.mask_codes(mask_codes(ids, 5))
+        assert ours.dtype == np.uint8 and ours.shape == (40, 40)
+        expected = timm_transformed_mask(ids, cfg)
+        np.testing.assert_array_equal(ours, np.select([expected == 5, expected == 1000], [1, 2], 0))

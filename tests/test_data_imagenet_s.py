@@ -96,6 +96,9 @@ def test_converted_samples(fixture_tree: ImageNetSFixture, converted: Path) -> N
         assert rgb.ndim == 3 and rgb.shape[2] == 3  # always an RGB PNG, also for the 16-bit grey one
         rgb = rgb.astype(int)
         np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1], image.mask_ids)
+        codes = np.asarray(Image.open(io.BytesIO(sample["mask.codes.png"])))  # the label's class 1, ignore 2
+        np.testing.assert_array_equal(codes, np.select([image.mask_ids == image.label_id, image.mask_ids == 1000],
+                                                       [1, 2], 0))
         meta = json.loads(sample["meta.json"])
         assert meta["mask_class_id"] == image.label_id
         assert meta["wnid"] == image.label_wnid

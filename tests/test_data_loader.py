@@ -105,3 +105,13 @@ def test_a_worker_that_dies_fails_the_shard(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(loader, "_decode_sample", dying)
     with pytest.raises(RuntimeError, match="DataLoader worker"):
         list(shard_batches(str(shard), GEOMETRY, 2, 4, 1, workers=2))
+
+
+def test_reader_options_send_jpegs_undecoded_only_to_cuda() -> None:
+    from vitlens.data.loader import reader_options
+
+    assert reader_options("device", torch.device("cuda")) == {"transform": "device", "jpeg_bytes": True}
+    assert reader_options("device", torch.device("cpu")) == {"transform": "device", "jpeg_bytes": False}
+    assert reader_options("timm", torch.device("cuda")) == {"transform": "timm", "jpeg_bytes": False}
+    with pytest.raises(ValueError, match="transform"):
+        reader_options("gpu", torch.device("cpu"))

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
 
+from tests.data_expectations import brute_force_labels, timm_transformed_mask
 from vitlens.data.geometry import EvalGeometry
 from vitlens.data.loader import shard_batches
 from vitlens.data.reader import ShardReadError, iter_shard_batches
@@ -64,9 +68,9 @@ def test_bad_samples_are_reported_and_skipped(tmp_path: Path) -> None:
     path = _write_shard(tmp_path, [good[0], mismatched, good[1]])
     broken_image = _sample(4).members()
     broken_image[0] = (broken_image[0][0], b"garbage")
-    no_meta = _sample(5).members()[:2]
+    no_meta = _sample(5).members()[:-1]
     bad_meta = _sample(6).members()
-    bad_meta[2] = (bad_meta[2][0], b"{not json")
+    bad_meta[-1] = (bad_meta[-1][0], b"{not json")
     _append_raw(path, broken_image + no_meta + bad_meta + good[2].members())
 
     rejects: list[tuple[str, str, str, str]] = []
@@ -90,9 +94,9 @@ def test_bad_samples_are_reported_and_skipped(tmp_path: Path) -> None:
 def _relabelled(i: int, class_index: object) -> list[tuple[str, bytes]]:
     """The members of sample i with its meta.json `class_index` replaced (any JSON value)."""
     members = _sample(i).members()
-    meta = json.loads(members[2][1])
+    meta = json.loads(members[-1][1])
     meta["class_index"] = class_index
-    members[2] = (members[2][0], json.dumps(meta).encode())
+    members[-1] = (members[-1][0], json.dumps(meta).encode())
     return members
 
 
@@ -212,3 +216,100 @@ def test_streams_without_waiting_for_the_whole_shard(tmp_path: Path) -> None:
     assert first.keys == ["sample000", "sample001"]
     assert sum(len(b.keys) for b in batches) == 10
     feeder.join(timeout=10)
+
+
+# --- the exact path, the device modes and the mask's code plane ------------------------------
+
+REAL_CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+PADDED_CFG = {**REAL_CFG, "crop_pct": 1.3, "crop_mode": "border", "interpolation": "bilinear"}  # pads
+JPEG_KINDS = {  # name: ((h, w), PIL mode, save options); EXIF orientation 6 = rotated 90 degrees
+    "rgb": ((45, 61), "RGB", {}), "tall": ((70, 38), "RGB", {}), "grey": ((50, 50), "L", {}),
+    "cmyk": ((41, 57), "CMYK", {}), "progressive": ((47, 66), "RGB", {"progressive": True}),
+    "exif": ((40, 52), "RGB", {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"
+                               b"\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"}),
+}
+
+
+def _real_jpeg_samples() -> list[tuple[EncodedSample, np.ndarray]]:
+    """Real-format JPEGs made with PIL, with ImageNet-S-like ids (class 4, another id 9,
+    ignore pixels) of their size: (sample, ids)."""
+    samples = []
+    for i, (name, ((height, width), mode, options)) in enumerate(JPEG_KINDS.items()):
+        rng = np.random.default_rng(i)
+        yy, xx = np.mgrid[0:height, 0:width]
+        smooth = (np.sin(xx / 5 + i) + np.cos(yy / 7)) * 60 + 128
+        pixels = np.clip(smooth[..., None] + rng.normal(0, 10, (height, width, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=85, **options)
+        ids = np.kron(rng.choice([0, 4, 9, 1000], size=(height // 3 + 1, width // 3 + 1), p=[0.3, 0.4, 0.1, 0.2]),
+                      np.ones((3, 3), dtype=np.int64))[:height, :width]
+        meta = SampleMeta(3, 4, "class3", None, None, "test", "validation", "test")
+        samples.append((EncodedSample(f"jpeg{i}{name}", "image.jpg", buffer.getvalue(), encode_mask(ids), meta), ids))
+    return samples
+
+
+def test_jpeg_exif_reads_back_rotated() -> None:
+    """The EXIF fixture really carries orientation 6 (which neither timm nor the reader applies)."""
+    data = _real_jpeg_samples()[list(JPEG_KINDS).index("exif")][0].image_bytes
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6
+
+
+@pytest.mark.parametrize("cfg", [REAL_CFG, PADDED_CFG], ids=["center", "border-padded"])
+def test_model_input_is_bit_identical_to_timm_on_real_jpegs(tmp_path: Path, cfg: dict) -> None:
+    """The default path: uint8 pixels in the batch, normalised by `model_input`, equal timm's
+    `create_transform` on PIL's decode bit for bit; labels equal the per-pixel rule on timm's
+    moved mask; every mode (and a shard without the code plane) gives the same labels."""
+    samples = _real_jpeg_samples()
+    geometry = EvalGeometry.from_data_config(cfg)
+    path = _write_shard(tmp_path, [s for s, _ in samples])
+    [batch] = iter_shard_batches(str(path), geometry, 8, 8, 1)
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (len(samples), 3, 32, 32)
+    transform = create_transform(**cfg, is_training=False)
+    expected = torch.stack([transform(Image.open(io.BytesIO(s.image_bytes)).convert("RGB")) for s, _ in samples])
+    assert torch.equal(batch.model_input("cpu"), expected)
+    for row, (_, ids) in enumerate(samples):
+        fg, labels = brute_force_labels(timm_transformed_mask(ids, cfg), 4, 8, 8, 1)
+        assert batch.token_label[row].tolist() == labels
+        np.testing.assert_array_equal(batch.fg_fraction[row].numpy(), np.array(fg, dtype=np.float32))
+    # the same shard without mask.codes.png (written before it existed) reads the same labels
+    old = tmp_path / "old.tar"
+    with tarfile.open(path) as tar, tarfile.open(old, "w") as out:
+        for info in tar.getmembers():
+            if not info.name.endswith(".mask.codes.png"):
+                out.addfile(info, tar.extractfile(info))
+    [old_batch] = iter_shard_batches(str(old), geometry, 8, 8, 1)
+    assert torch.equal(old_batch.token_label, batch.token_label)
+    assert torch.equal(old_batch.fg_fraction.isnan(), batch.fg_fraction.isnan())
+    assert torch.equal(old_batch.fg_fraction.nan_to_num(), batch.fg_fraction.nan_to_num())
+    assert torch.equal(old_batch.pixels, batch.pixels)
+
+
+def test_device_modes_hold_the_decoded_images_or_the_jpeg_bytes(tmp_path: Path) -> None:
+    """transform "device": each image as PIL decodes it (uint8 [3, h, w] RGB), no pixels; with
+    jpeg_bytes the RGB / grey JPEGs as their bytes (CMYK still decoded). Labels, class index
+    and keys as in the timm mode, in the reader and in DataLoader workers."""
+    samples = _real_jpeg_samples()
+    path = _write_shard(tmp_path, [s for s, _ in samples])
+    geometry = EvalGeometry.from_data_config(REAL_CFG)
+    [exact] = iter_shard_batches(str(path), geometry, 8, 8, 1)
+    decoded = [torch.from_numpy(np.array(Image.open(io.BytesIO(s.image_bytes)).convert("RGB"))).permute(2, 0, 1)
+               for s, _ in samples]
+    for batch in (next(iter_shard_batches(str(path), geometry, 8, 8, 1, transform="device")),
+                  next(shard_batches(str(path), geometry, 8, 8, 1, workers=2, transform="device"))):
+        assert batch.pixels is None and len(batch.originals) == len(samples)
+        for ours, theirs in zip(batch.originals, decoded):
+            assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)
+        assert batch.keys == exact.keys and torch.equal(batch.token_label, exact.token_label)
+        assert torch.equal(batch.class_index, exact.class_index)
+    [encoded] = iter_shard_batches(str(path), geometry, 8, 8, 1, transform="device", jpeg_bytes=True)
+    for name, ours, (sample, _), theirs in zip(JPEG_KINDS, encoded.originals, samples, decoded):
+        if name == "cmyk":
+            assert torch.equal(ours, theirs)
+        else:
+            assert ours == sample.image_bytes
+    assert torch.equal(encoded.token_label, exact.token_label)
+    with pytest.raises(ValueError, match="transform"):
+        next(iter_shard_batches(str(path), geometry, 8, 8, 1, transform="gpu"))
+    with pytest.raises(ValueError, match="jpeg_bytes"):
+        next(shard_batches(str(path), geometry, 8, 8, 1, jpeg_bytes=True))

@@ -14,8 +14,10 @@ from vitlens.data.sample_format import (
     SampleMeta,
     check_key,
     decode_mask,
+    decode_mask_codes,
     decode_meta,
     encode_mask,
+    encode_mask_codes,
     encode_png,
     is_imagenet_s_mask_png,
     shard_name,
@@ -60,19 +62,20 @@ def test_single_channel_masks_hold_ids_directly() -> None:
 
 
 def test_member_names_and_meta() -> None:
-    sample = EncodedSample("shapes-validation-003-00001", "image.png", b"img", b"mask", META)
+    sample = EncodedSample("shapes-validation-003-00001", "image.png", b"img", b"mask", META, b"codes")
     names = [name for name, _ in sample.members()]
     assert names == [
         "shapes-validation-003-00001.image.png",
         "shapes-validation-003-00001.mask.png",
+        "shapes-validation-003-00001.mask.codes.png",
         "shapes-validation-003-00001.meta.json",
     ]
-    meta = json.loads(sample.members()[2][1])
+    meta = json.loads(sample.members()[3][1])
     assert meta == {
         "class_index": 3, "mask_class_id": 4, "class_name": "dots_circle", "wnid": None,
         "folder_wnid": None, "source": "generator", "split": "validation", "dataset": "shapes",
     }
-    assert decode_meta(sample.members()[2][1]) == meta
+    assert decode_meta(sample.members()[3][1]) == meta
     with pytest.raises(ValueError, match="lacks field"):
         decode_meta(b'{"class_index": 1}')
     assert split_member_name("n01440764_ILSVRC2012_val_1.image.jpg") == ("n01440764_ILSVRC2012_val_1", "image.jpg")
@@ -96,3 +99,23 @@ def test_png_is_lossless_and_deterministic() -> None:
     png = encode_png(pixels)
     assert png == encode_png(pixels)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
+
+
+def test_mask_codes_member_is_derived_from_the_ids() -> None:
+    """mask.codes.png: per pixel 1 where the id is mask_class_id, 2 where it is 1000, 0
+    elsewhere (other objects too); a palette PNG that decodes back exactly; written by default."""
+    ids = np.random.default_rng(4).choice([0, 4, 9, 1000, 257], size=(23, 31))
+    expected = np.array([[1 if v == 4 else 2 if v == 1000 else 0 for v in row] for row in ids.tolist()])
+    sample = EncodedSample("k", "image.png", b"img", encode_mask(ids), META)  # mask_class_id 4
+    members = dict(sample.members())
+    with Image.open(io.BytesIO(members["k.mask.codes.png"])) as codes:
+        assert codes.mode == "P" and codes.size == (31, 23)
+        np.testing.assert_array_equal(np.asarray(codes), expected)
+    np.testing.assert_array_equal(decode_mask_codes(members["k.mask.codes.png"]), expected)
+    np.testing.assert_array_equal(decode_mask_codes(encode_mask_codes(expected)), expected)
+    with pytest.raises(ValueError, match="0..2"):
+        encode_mask_codes(np.full((2, 2), 3))
+    grey = io.BytesIO()
+    Image.fromarray(np.full((2, 2), 3, dtype=np.uint8)).save(grey, format="PNG")
+    with pytest.raises(ValueError, match="0..2"):
+        decode_mask_codes(grey.getvalue())

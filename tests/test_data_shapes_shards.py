@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset
 from PIL import Image
 from timm.data import create_transform
@@ -85,6 +86,9 @@ def test_webdataset_reads_the_samples_exactly(shapes_dir: Path) -> None:
         np.testing.assert_array_equal(image, source.image)
         rgb = np.asarray(Image.open(io.BytesIO(sample["mask.png"]))).astype(int)
         np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1], source.object_mask * (source.class_index + 1))
+        codes = Image.open(io.BytesIO(sample["mask.codes.png"]))  # the token labels' code plane: 1 = object
+        assert codes.mode == "P"
+        np.testing.assert_array_equal(np.asarray(codes), source.object_mask.astype(np.uint8))
         meta = json.loads(sample["meta.json"])
         assert meta["class_index"] == source.class_index
         assert meta["mask_class_id"] == source.class_index + 1
@@ -97,7 +101,7 @@ def test_webdataset_reads_the_samples_exactly(shapes_dir: Path) -> None:
 def test_tar_members_have_fixed_metadata(shapes_dir: Path) -> None:
     with tarfile.open(shapes_dir / "shapes-validation-000000.tar") as tar:
         members = tar.getmembers()
-    assert len(members) == 3 * 15
+    assert len(members) == 4 * 15  # image, mask, mask codes, meta
     assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(0, 0, 0, 0o644)}
 
 
@@ -120,7 +124,7 @@ def test_reader_round_trip_with_token_labels(shapes_dir: Path) -> None:
         for row, key in enumerate(batch.keys):
             source = generated[key]
             expected_image = transform(Image.fromarray(source.image))
-            assert (batch.images[row] - expected_image).abs().max().item() < 1e-5
+            assert torch.equal(batch.images[row], expected_image)  # bit-identical to timm
             assert batch.class_index[row].item() == source.class_index
             moved = timm_transformed_mask(source.object_mask.astype(np.int64), CFG)
             fg, labels = brute_force_labels(moved, 1, 8, 8, 1)

@@ -91,8 +91,9 @@ def test_an_intact_shard_with_matching_checks_reads_without_error(tmp_path: Path
 
 def test_truncated_inside_a_member_raises_after_the_samples_before_it(tmp_path: Path) -> None:
     path, members = _shard(tmp_path, 6)
-    # Cut half-way into the data of sample 4's image (members 12, 13, 14 are sample 4's).
-    cut = sum(_member_span(d) for _, d in members[:12]) + BLOCK + len(members[12][1]) // 2
+    # Cut half-way into the data of sample 4's image (its first member).
+    first = 4 * len(_members(0))
+    cut = sum(_member_span(d) for _, d in members[:first]) + BLOCK + len(members[first][1]) // 2
     path.write_bytes(path.read_bytes()[:cut])
     keys, rejects, error = _read(str(path))
     assert keys == [f"sample{i:03d}" for i in range(4)]  # all four complete samples, in batches
@@ -104,7 +105,7 @@ def test_truncated_inside_a_member_raises_after_the_samples_before_it(tmp_path: 
 def test_truncated_exactly_between_samples_raises(tmp_path: Path) -> None:
     """Cut at a member boundary: no end-of-archive marker. Today's reader ended silently."""
     path, members = _shard(tmp_path, 5)
-    cut = sum(_member_span(d) for _, d in members[:9])  # after sample 2's last member
+    cut = sum(_member_span(d) for _, d in members[:3 * len(_members(0))])  # after sample 2's last member
     path.write_bytes(path.read_bytes()[:cut])
     keys, rejects, error = _read(str(path))
     assert keys == ["sample000", "sample001", "sample002"] and rejects == []
@@ -114,7 +115,7 @@ def test_truncated_exactly_between_samples_raises(tmp_path: Path) -> None:
 
 def test_cut_inside_a_header_raises(tmp_path: Path) -> None:
     path, members = _shard(tmp_path, 3)
-    cut = sum(_member_span(d) for _, d in members[:6]) + 100  # 100 bytes into sample 2's header
+    cut = sum(_member_span(d) for _, d in members[:2 * len(_members(0))]) + 100  # 100 bytes into sample 2's header
     path.write_bytes(path.read_bytes()[:cut])
     keys, _, error = _read(str(path))
     assert keys == ["sample000", "sample001"]
@@ -123,7 +124,7 @@ def test_cut_inside_a_header_raises(tmp_path: Path) -> None:
 
 def test_garbage_after_complete_samples_raises(tmp_path: Path) -> None:
     path, members = _shard(tmp_path, 3)
-    cut = sum(_member_span(d) for _, d in members[:6])
+    cut = sum(_member_span(d) for _, d in members[:2 * len(_members(0))])
     garbage = np.random.default_rng(1).integers(0, 256, 4 * BLOCK, dtype=np.uint8).tobytes()
     path.write_bytes(path.read_bytes()[:cut] + garbage)
     keys, rejects, error = _read(str(path))

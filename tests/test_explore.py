@@ -30,6 +30,9 @@ VARIANT, TWIN = "shapes_vit_p16", "shapes_vit_p16@random"
 STEM = "shapes-validation-000000"
 DEPTH = 6
 
+#: The stored top-5 columns of `tokens` (schema >= 8: one column per rank) as the view's lists.
+TOP5 = ", ".join("[" + ", ".join(f"{name}_{rank}" for rank in range(1, 6)) + "]" for name in ("top5_class", "top5_logit"))
+
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
@@ -133,7 +136,7 @@ def test_tokens_and_images_are_the_stored_rows(explorer, result_sets) -> None:
     key = _key(result_sets)
     served = explorer.json(f"/api/tokens?variant={VARIANT}&key={key}&block=3&stream=attn")
     rows = duckdb.connect().execute(
-        f"SELECT token, identifiability_rank, top5_class, top5_logit FROM read_parquet("
+        f"SELECT token, identifiability_rank, {TOP5} FROM read_parquet("
         f"'{result_sets['tokens']}/table=tokens/variant={VARIANT}/experiment=baseline/*.parquet') "
         "WHERE image_key = ? AND block = 3 AND stream = 'attn' ORDER BY token", [key]).fetchall()
     assert [t["token"] for t in served["tokens"]] == [r[0] for r in rows]
@@ -250,7 +253,7 @@ def test_the_page_in_chromium(explorer, result_sets, tmp_path: Path) -> None:
                                             ".map(r => Number(r.cells[2].textContent))}; })()")
         assert shown["hidden"] is False and shown["token"] == "7"
         classes, logits = duckdb.connect().execute(
-            f"SELECT top5_class, top5_logit FROM read_parquet('{result_sets['tokens']}/table=tokens/"
+            f"SELECT {TOP5} FROM read_parquet('{result_sets['tokens']}/table=tokens/"
             f"variant={VARIANT}/experiment=baseline/*.parquet') WHERE image_key = ? AND block = {DEPTH} "
             "AND stream = 'resid' AND token = 7", [key]).fetchone()
         names = explorer.json("/api/variants")[0]["class_names"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from vitlens.lens import Lens
 from vitlens.lens.anatomy import project
+from vitlens.lens.families import adapter_for
 from vitlens.lens.reduce import correct_class_logit, reduce_logits
 from tests.test_lens_forward import tiny_vit
 
@@ -54,3 +56,26 @@ def test_correct_class_logit_equals_full_projection() -> None:
         full = project(model, hidden)
         single = correct_class_logit(model, hidden, class_index)
     assert torch.allclose(single, full[torch.arange(3), :, class_index], atol=1e-5)
+
+
+def test_streams_projected_together_equal_each_projected_alone() -> None:
+    """One GEMM per block over its three streams concatenated gives each stream's own
+    projection bit for bit (rows of a GEMM do not depend on the others); the peers' outputs
+    (`memory_flags=False, input_logits=False`) equal the full analysis's and leave the rest
+    at their fill values."""
+    model = tiny_vit()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 3, 5, 7])
+    full = Lens(model).run(images, labels)
+    peers = Lens(model, memory_flags=False, input_logits=False).run(images, labels)
+    adapter = adapter_for(model)
+    with torch.inference_mode():
+        for trace in adapter.iter_block_traces(adapter.embed(images)):
+            for stream, hidden in enumerate((trace.resid_post, trace.attn_out, trace.mlp_out)):
+                top = project(model, hidden).topk(5, dim=-1)
+                for out in (full, peers):
+                    assert torch.equal(out.topk_logit[:, trace.index, stream], top.values)
+                    assert torch.equal(out.topk_class[:, trace.index, stream], top.indices.int())
+    for name in ("rank", "correct_logit", "topk_class", "topk_logit"):
+        assert torch.equal(getattr(peers, name).nan_to_num(7.0), getattr(full, name).nan_to_num(7.0))
+    assert bool(peers.input_correct_logit.isnan().all()) and not bool(full.input_correct_logit[:, 1:].isnan().all())
+    assert not bool(peers.key_value_agreement.any() or peers.non_compositional.any())

@@ -61,7 +61,8 @@ def write_job(folder: Path, shards: Path, experiments: list[str], max_actors: in
 def tokens(results: str, experiment: str = "baseline") -> list[tuple]:
     con = duckdb.connect()
     return con.execute(
-        f"SELECT image_key, block, stream, token, identifiability_rank, top5_class FROM "
+        "SELECT image_key, block, stream, token, identifiability_rank, "
+        "[top5_class_1, top5_class_2, top5_class_3, top5_class_4, top5_class_5] FROM "  # schema 8: one column per rank
         f"read_parquet('{results}/table=tokens/variant={VARIANT}/experiment={experiment}/*.parquet') "
         "ORDER BY ALL"
     ).fetchall()

@@ -37,10 +37,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def run(shards: list[Path], output: Path, detail: str = "tokens", workers: int = 0,
-        variants: tuple[str, ...] = VARIANTS[:1], experiments: tuple[str, ...] = ("baseline",)) -> None:
+        variants: tuple[str, ...] = VARIANTS[:1], experiments: tuple[str, ...] = ("baseline",),
+        transform: str = "timm", projections: str = "fp32") -> None:
     job = JobSpec(name="pipeline", output=str(output), variants=variants, experiments=experiments,
-                  batch_size=6, detail=detail, data=DataSpec(shards=tuple(str(s) for s in shards)),
-                  resources=ResourceSpec(device="cpu", decode_workers=workers))
+                  batch_size=6, detail=detail,
+                  data=DataSpec(shards=tuple(str(s) for s in shards), transform=transform),
+                  resources=ResourceSpec(device="cpu", decode_workers=workers, projections=projections))
     for variant in variants:
         processor = ShardProcessor(variant, job)
         for shard in shards:
@@ -48,14 +50,19 @@ def run(shards: list[Path], output: Path, detail: str = "tokens", workers: int =
 
 
 def test_decode_workers_and_background_writer_give_identical_files(shards: list[Path], tmp_path: Path) -> None:
+    """Also the device transform (the 64 px shapes need no resize: the same input as timm's) and
+    the fast projections (the same ranks, top-5 and logits as fp32, bit for bit)."""
+    settings = {"w0": {}, "w1": {"workers": 1}, "w2": {"workers": 2},
+                "device": {"workers": 1, "transform": "device"}, "fast": {"projections": "fast"}}
     tables = {}
-    for workers in (0, 1, 2):
-        run(shards, tmp_path / f"w{workers}", workers=workers)
-        files = sorted((tmp_path / f"w{workers}").glob("table=tokens/*/*/*.parquet"))
+    for name, options in settings.items():
+        run(shards, tmp_path / name, **options)
+        files = sorted((tmp_path / name).glob("table=tokens/*/*/*.parquet"))
         assert files
-        tables[workers] = [pq.read_table(f) for f in files]
-    for workers in (1, 2):
-        assert all(a.equals(b) for a, b in zip(tables[0], tables[workers]))  # content and row order
+        tables[name] = [pq.read_table(f) for f in files]
+    for name in settings:
+        assert len(tables[name]) == len(tables["w0"])
+        assert all(a.equals(b) for a, b in zip(tables["w0"], tables[name])), name  # content and row order
 
 
 def test_every_query_gives_the_same_numbers_from_either_tier(shards: list[Path], tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_probes_rows_cover_every_slot_and_token(probed):
     assert {(stream, block) for stream, block, *_ in rows} == expected
     assert all(count == 20 and 0 <= low <= high < 20 for *_, count, low, high in rows)  # 20 images, 20 classes
     assert {token for _, _, token, *_ in rows} == set(range(TOKENS))
-    assert set(stats["experiment_seconds"]) == {"baseline", "probe", "probe_fit"}
+    assert set(stats["experiment_seconds"]) == {"model_input", "baseline", "probe", "probe_fit"}
 
 
 def test_an_analysed_batch_holding_training_images_is_refused(data, tmp_path: Path):
@@ -161,5 +161,5 @@ def test_run_records_probe_and_lens_seconds(data, tmp_path: Path):
     (row,) = _rows(JobSpec(name="x", output=str(tmp_path / "out"), variants=("v",), data=DataSpec(manifest="m")),
                    "SELECT experiment_seconds FROM read_parquet('ROOT/table=runs/*/*/*.parquet')")
     seconds = json.loads(row[0])
-    assert set(seconds) == {"baseline", "probe", "probe_fit"}
+    assert set(seconds) == {"model_input", "baseline", "probe", "probe_fit"}
     assert all(set(per_variant) == {VARIANT} and per_variant[VARIANT] > 0 for per_variant in seconds.values())

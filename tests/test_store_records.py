@@ -1,13 +1,18 @@
 """LensBatch -> tokens/images rows: one row per existing (image, block, stream, token)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT, LABEL_IGNORE, LABEL_PREFIX
 from vitlens.lens.output import LensBatch
+from vitlens.report.results import open_results
+from vitlens.store.layout import StagedParquetWriter, table_key
 from vitlens.store.records import images_table, tokens_table
+from vitlens.store.storage import open_storage
 
 
 def hand_batch() -> tuple[LensBatch, torch.Tensor, torch.Tensor]:
@@ -32,9 +37,19 @@ def hand_batch() -> tuple[LensBatch, torch.Tensor, torch.Tensor]:
     return out, fg, labels
 
 
-def test_rows_exist_only_for_real_slots_and_kept_tokens() -> None:
+def tokens_view_rows(table: pa.Table, root: Path, variant: str = "m") -> list[dict]:
+    """`table`'s rows as the `tokens` view shows them: written by the streaming writer (the
+    stored layout with its encodings), read back through `open_results`."""
+    writer = StagedParquetWriter(open_storage(root), table_key("tokens", variant, "baseline", "s0"), table.schema)
+    writer.write(table)
+    writer.commit()
+    con = open_results(root)
+    return con.sql(f"SELECT * EXCLUDE (variant, experiment) FROM tokens WHERE variant = '{variant}'").to_arrow_table().to_pylist()
+
+
+def test_rows_exist_only_for_real_slots_and_kept_tokens(tmp_path: Path) -> None:
     batch, fg, labels = hand_batch()
-    table = tokens_table(batch, ["a", "b"], fg, labels, has_class_token=True).to_pylist()
+    table = tokens_view_rows(tokens_table(batch, ["a", "b"], fg, labels, has_class_token=True), tmp_path)
     # slots: resid 0..2 (3) + attn 1..2 (2) + mlp 1..2 (2) = 7; tokens 4 + 3
     assert len(table) == 7 * 4 + 7 * 3
     for row in table:

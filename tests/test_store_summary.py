@@ -9,14 +9,18 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from vitlens.data.token_labels import LABEL_NAMES, LABEL_PREFIX
 from vitlens.lens.output import STREAMS, LensBatch
-from vitlens.report.results import open_results
+from vitlens.report.results import open_results, table_sql
 from vitlens.store.layout import table_file, write_parquet_atomic
 from vitlens.store.records import summary_tables, tokens_table
+from vitlens.store.schema import TOKENS_COLUMNS
+from tests.test_store_records import tokens_view_rows
 
 B, L, T, K, C = 3, 3, 6, 5, 7  # images, blocks, tokens (2 prefix: CLS + register), top-k, classes
 
@@ -48,25 +52,83 @@ def random_batch(seed: int, removed: bool) -> tuple[LensBatch, torch.Tensor, tor
     return out, fg, labels
 
 
-@pytest.mark.parametrize("removed", [False, True], ids=["all_present", "tokens_removed"])
-def test_tokens_rows_equal_a_per_row_loop(removed: bool) -> None:
-    out, fg, labels = random_batch(1, removed)
-    keys = ["a", "b", "c"]
-    rows = tokens_table(out, keys, fg, labels, has_class_token=True).to_pylist()
-    expected = []
+def expected_rows(out: LensBatch, keys: list[str], fg: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The `tokens` rows of a batch as the views show them (the v7 layout: top-5 as lists,
+    nulls for prefix tokens' fg_fraction and the resid stream's sub-layer columns), by a
+    per-row Python loop over the tensors."""
+    rows = []
     for b in range(B):
         for slot in range(L + 1):
             for s, stream in enumerate(STREAMS):
                 for t in range(T):
                     if (slot == 0 and s > 0) or not out.token_present[b, t]:
                         continue
-                    expected.append((keys[b], slot, stream, t, "cls" if t == 0 else "prefix" if t < 2 else "image",
-                                     LABEL_NAMES[int(labels[b, t])], int(out.rank[b, slot, s, t]),
-                                     [int(c) for c in out.topk_class[b, slot, s, t]],
-                                     None if s == 0 else bool(out.key_value_agreement[b, slot, s, t])))
-    got = [(r["image_key"], r["block"], r["stream"], r["token"], r["token_kind"], r["label"],
-            r["identifiability_rank"], r["top5_class"], r["key_value_agreement"]) for r in rows]
-    assert got == expected
+                    label = LABEL_NAMES[int(labels[b, t])]
+                    sub = s > 0
+                    rows.append({
+                        "image_key": keys[b], "block": slot, "stream": stream, "token": t,
+                        "token_kind": "cls" if t == 0 else "prefix" if t < 2 else "image", "label": label,
+                        "fg_fraction": None if label == "prefix" else float(np.float32(fg[b, t])),
+                        "identifiability_rank": int(out.rank[b, slot, s, t]),
+                        "correct_logit": float(np.float32(out.correct_logit[b, slot, s, t])),
+                        "top5_class": [int(c) for c in out.topk_class[b, slot, s, t]],
+                        "top5_logit": [float(np.float16(v)) for v in out.topk_logit[b, slot, s, t].tolist()],
+                        "sublayer_input_correct_logit": float(np.float32(out.input_correct_logit[b, slot, s, t])) if sub else None,
+                        "key_value_agreement": bool(out.key_value_agreement[b, slot, s, t]) if sub else None,
+                        "non_compositional": bool(out.non_compositional[b, slot, s, t]) if sub else None,
+                    })
+    return rows
+
+
+@pytest.mark.parametrize("removed", [False, True], ids=["all_present", "tokens_removed"])
+def test_tokens_rows_equal_a_per_row_loop(tmp_path: Path, removed: bool) -> None:
+    """Stored in the v8 layout by the streaming writer, read through the `tokens` view: every
+    column of every row as the v7 layout held it."""
+    out, fg, labels = random_batch(1, removed)
+    keys = ["a", "b", "c"]
+    assert tokens_view_rows(tokens_table(out, keys, fg, labels, has_class_token=True), tmp_path) == expected_rows(
+        out, keys, fg, labels)
+
+
+def v7_table(rows: list[dict]) -> pa.Table:
+    """`rows` in the layout of schema v7 (the top-5 as fixed-size lists, nulls stored), built
+    by hand as that version's writer did."""
+    schema = TOKENS_COLUMNS.with_metadata({"vitlens.table": "tokens", "vitlens.schema_version": "7"})
+    arrays = []
+    for f in schema:
+        values = [row[f.name] for row in rows]
+        if pa.types.is_fixed_size_list(f.type):
+            flat = np.array(values, dtype=f.type.value_type.to_pandas_dtype()).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), K))
+        else:
+            arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def test_v7_result_sets_read_through_the_same_views(tmp_path: Path) -> None:
+    """A v7 file (lists, nulls) and a v8 file of the same rows, alone or in one result set,
+    read through the `tokens` view and the single-file reads of the gallery and explorer:
+    the same rows, with the v7 column types."""
+    out, fg, labels = random_batch(5, removed=True)
+    keys = ["a", "b", "c"]
+    want = expected_rows(out, keys, fg, labels)
+    old = table_file(tmp_path, "tokens", "old", "baseline", "s0")
+    old.parent.mkdir(parents=True)
+    pq.write_table(v7_table(want), old)
+    assert tokens_view_rows(tokens_table(out, keys, fg, labels, True), tmp_path, variant="new") == want
+    con = open_results(tmp_path)  # both layouts in one view
+    assert [(name, kind) for name, kind, *_ in con.execute("DESCRIBE tokens").fetchall()] == [
+        ("image_key", "VARCHAR"), ("block", "SMALLINT"), ("stream", "VARCHAR"), ("token", "SMALLINT"),
+        ("token_kind", "VARCHAR"), ("label", "VARCHAR"), ("fg_fraction", "FLOAT"), ("identifiability_rank", "INTEGER"),
+        ("correct_logit", "FLOAT"), ("top5_class", "SMALLINT[]"), ("top5_logit", "FLOAT[]"),
+        ("sublayer_input_correct_logit", "FLOAT"), ("key_value_agreement", "BOOLEAN"),
+        ("non_compositional", "BOOLEAN"), ("experiment", "VARCHAR"), ("variant", "VARCHAR")]
+    for variant in ("old", "new"):
+        rows = con.sql(f"SELECT * EXCLUDE (variant, experiment) FROM tokens WHERE variant = '{variant}'")
+        assert rows.to_arrow_table().to_pylist() == want, variant
+    for path in (old, *table_file(tmp_path, "tokens", "new", "baseline", "s0").parent.glob("*.parquet")):
+        one = con.sql(f"SELECT * EXCLUDE (variant, experiment) FROM ({table_sql(con, 'tokens', [str(path)])})")
+        assert one.to_arrow_table().to_pylist() == want, path
 
 
 def write_batch(root: Path, variant: str, out: LensBatch, fg: torch.Tensor, labels: torch.Tensor, tier: str) -> None:

@@ -11,18 +11,22 @@ resize and crop can be applied to the segmentation mask (nearest neighbour, ids 
 - `squash`: resize both sides to the scale size (aspect ratio not kept), centre crop.
 - `border`: resize so the LONGER side fits the scale size, then centre crop or pad to
   `input_size` (timm pads the image with the mean colour).
-Pixels that padding adds to the mask get the ignore id (1000): they are not image content.
+Pixels that padding adds to the mask get the ignore id (1000), or the ignore code in a
+code plane (`mask.codes.png`): they are not image content. The mask's nearest-neighbour
+resize and crop is one gather by index arrays, equal to PIL's NEAREST resize + crop.
 The centre crop starts at `round((size - crop) / 2)` per axis, as torchvision and timm do
 (`crop_offset = "round"`); Hugging Face image processors start it at `(size - crop) // 2`
 (`crop_offset = "floor"`, which the transformers loaders put in their data config).
-The image is converted to RGB, scaled to [0, 1] and normalised with `mean`/`std`.
+The image is converted to RGB and resized / cropped as uint8 (`image_pixels`); `normalise`
+scales it to [0, 1] and normalises with `mean`/`std` on any device, with the fp32 operations
+of timm's ToTensor + Normalize (bit-identical to timm's output).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,7 +35,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 
-from vitlens.data.sample_format import MASK_IGNORE_ID
+from vitlens.data.sample_format import MASK_CODE_IGNORE, MASK_IGNORE_ID
 from vitlens.errors import UserError
 
 CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
@@ -105,18 +109,14 @@ class EvalGeometry:
         return round(height / ratio), round(width / ratio)
 
     def _crop_or_pad(self, pixels: np.ndarray, fill: np.ndarray | int) -> np.ndarray:
-        """Centre crop-or-pad the first two axes of pixels [h, w, ...] to input_size."""
-        crop_h, crop_w = self.input_size
-        pad_top, top = _pad_and_crop_offsets(pixels.shape[0], crop_h, self.crop_offset)
-        pad_left, left = _pad_and_crop_offsets(pixels.shape[1], crop_w, self.crop_offset)
-        out = np.empty((crop_h, crop_w, *pixels.shape[2:]), dtype=pixels.dtype)
+        """Centre crop-or-pad the first two axes of pixels [h, w, ...] to input_size (a view
+        of `pixels` when nothing is padded)."""
+        rows, out_rows = _crop_span(pixels.shape[0], self.input_size[0], self.crop_offset)
+        cols, out_cols = _crop_span(pixels.shape[1], self.input_size[1], self.crop_offset)
+        if (out_rows.stop - out_rows.start, out_cols.stop - out_cols.start) == self.input_size:
+            return pixels[rows, cols]
+        out = np.empty((*self.input_size, *pixels.shape[2:]), dtype=pixels.dtype)
         out[...] = fill
-        # Source rows/cols of the (virtually) padded image that land in the crop.
-        src_top, src_left = top - pad_top, left - pad_left
-        rows = slice(max(0, src_top), min(pixels.shape[0], src_top + crop_h))
-        cols = slice(max(0, src_left), min(pixels.shape[1], src_left + crop_w))
-        out_rows = slice(rows.start - src_top, rows.stop - src_top)
-        out_cols = slice(cols.start - src_left, cols.stop - src_left)
         out[out_rows, out_cols] = pixels[rows, cols]
         return out
 
@@ -128,42 +128,82 @@ class EvalGeometry:
 
     def image_pixels(self, image: Image.Image) -> np.ndarray:
         """Resized and cropped RGB pixels, before normalisation -> [H, W, 3] uint8."""
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         height, width = self.resized_size(image.height, image.width)
         if (height, width) != (image.height, image.width):
             mode = str_to_interp_mode(self.interpolation)
             image = TF.resize(image, [height, width], interpolation=mode)
         return self._crop_or_pad(np.asarray(image), self._image_fill())
 
-    @cached_property
-    def _normalise_table(self) -> np.ndarray:
-        """[3, 256] float32: (v / 255 - mean) / std per channel, in timm's float32 arithmetic."""
-        levels = np.arange(256, dtype=np.float32) / np.float32(255)
-        mean = np.asarray(self.mean, dtype=np.float32)[:, None]
-        std = np.asarray(self.std, dtype=np.float32)[:, None]
-        return (levels[None, :] - mean) / std
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] -> float32 [..., 3, H, W] normalised, on pixels' device.
 
-    def image_array(self, image: Image.Image) -> np.ndarray:
-        """The model input of one image as numpy -> [3, H, W] float32, normalised.
-
-        Equal to timm's ToTensor + Normalize (a per-channel lookup of the same float32
-        values); numpy, because tiny per-image torch ops contend for torch's thread pool.
+        timm's ToTensor + Normalize in the same fp32 operations: x / 255, then (x - mean) / std.
+        The divisors are tensors on the device (CUDA multiplies by the reciprocal of a CPU
+        scalar divisor, which can differ in the last bit), so the result is bit-identical
+        to timm's on every device.
         """
-        pixels = self.image_pixels(image)  # [H, W, 3] uint8
-        table = self._normalise_table
-        return np.stack([table[c][pixels[:, :, c]] for c in range(3)])
+        options = {"dtype": torch.float32, "device": pixels.device}
+        mean = torch.tensor(self.mean, **options).view(3, 1, 1)
+        std = torch.tensor(self.std, **options).view(3, 1, 1)
+        scaled = pixels.to(torch.float32) / torch.tensor(255.0, **options)
+        return (scaled - mean) / std
 
     def image(self, image: Image.Image) -> torch.Tensor:
-        """The model input of one image -> [3, H, W] float32, normalised."""
-        return torch.from_numpy(self.image_array(image))
+        """The model input of one image -> [3, H, W] float32, normalised (timm's eval transform)."""
+        return self.normalise(torch.from_numpy(np.array(self.image_pixels(image))).permute(2, 0, 1))
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """The same resize (nearest) and crop applied to class ids [h, w] -> [H, W] int32."""
-        mask = np.asarray(mask, dtype=np.int32)
+        """The same resize (nearest) and crop applied to class ids [h, w] -> [H, W] int32
+        (padding: the ignore id)."""
+        return self._nearest(np.asarray(mask, dtype=np.int32), MASK_IGNORE_ID)
+
+    def mask_codes(self, codes: np.ndarray) -> np.ndarray:
+        """The same resize (nearest) and crop applied to mask codes [h, w] uint8 -> [H, W]
+        uint8 (padding: the ignore code; `vitlens.data.sample_format.mask_codes`)."""
+        return self._nearest(np.asarray(codes, dtype=np.uint8), MASK_CODE_IGNORE)
+
+    def _nearest(self, mask: np.ndarray, fill: int) -> np.ndarray:
+        """PIL's NEAREST resize to `resized_size`, then crop-or-pad with `fill`, as one gather
+        of the cropped pixels: mask [h, w] -> [H, W] (same dtype)."""
         if mask.ndim != 2:
             raise ValueError(f"mask must be 2-D [h, w], got shape {mask.shape}")
-        height, width = self.resized_size(*mask.shape)
-        if (height, width) != mask.shape:
-            resized = Image.fromarray(mask).resize((width, height), Image.NEAREST)
-            mask = np.asarray(resized, dtype=np.int32)
-        return self._crop_or_pad(mask, MASK_IGNORE_ID)
+        rows, out_rows, cols, out_cols = _mask_gather(self, *mask.shape)
+        out = np.empty(self.input_size, dtype=mask.dtype)  # [H, W]
+        if out_rows.stop - out_rows.start < self.input_size[0] or out_cols.stop - out_cols.start < self.input_size[1]:
+            out[...] = fill
+        out[out_rows, out_cols] = mask[rows][:, cols]  # rows, then columns: 5x faster than one 2-D gather
+        return out
+
+
+def _crop_span(size: int, crop: int, offset: str) -> tuple[slice, slice]:
+    """(source slice, output slice) of one axis of a centre crop-or-pad of `size` to `crop`."""
+    pad_before, start = _pad_and_crop_offsets(size, crop, offset)
+    source_start = start - pad_before  # source position of output position 0 (negative: padding)
+    source = slice(max(0, source_start), min(size, source_start + crop))
+    return source, slice(source.start - source_start, source.stop - source_start)
+
+
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of every output pixel of PIL's NEAREST resize of one axis -> [size_out] int64.
+
+    PIL (`ImagingScaleAffine`) starts at `scale / 2` and ADDS `scale = size_in / size_out`
+    per pixel in double precision, truncating; the accumulated sum differs from
+    `(i + 0.5) * scale` in the last bit often enough to move a pixel, so it is accumulated
+    here in the same order (numpy's add.accumulate is sequential).
+    """
+    scale = size_in / size_out
+    steps = np.full(size_out, scale)
+    steps[0] = scale * 0.5
+    return np.minimum(np.add.accumulate(steps).astype(np.int64), size_in - 1)
+
+
+@lru_cache(maxsize=256)
+def _mask_gather(geometry: EvalGeometry, height: int, width: int) -> tuple[np.ndarray, slice, np.ndarray, slice]:
+    """Source rows and columns a mask of (height, width) gathers for `geometry` and the
+    output slices they fill: (rows [n] int64, output rows, cols [m] int64, output columns)."""
+    resized_h, resized_w = geometry.resized_size(height, width)
+    rows, out_rows = _crop_span(resized_h, geometry.input_size[0], geometry.crop_offset)
+    cols, out_cols = _crop_span(resized_w, geometry.input_size[1], geometry.crop_offset)
+    return (nearest_indices(height, resized_h)[rows], out_rows, nearest_indices(width, resized_w)[cols], out_cols)

@@ -24,7 +24,8 @@ Layout read (variant V in 50, 300, 919; split e.g. `validation`):
   that is not a category, a file whose sample key another file already took.
 - The original image bytes are stored unchanged (`image.jpg`; `image.png` for a PNG
   file; anything else is re-encoded losslessly as PNG); the mask keeps its original
-  bytes when it is an RGB PNG, else it is re-encoded.
+  bytes when it is an RGB PNG, else it is re-encoded; its code plane for the token labels
+  (`mask.codes.png`: context / the label's class / ignore) is written beside it.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from vitlens.data.sample_format import (
     SampleMeta,
     decode_mask,
     encode_mask,
+    encode_mask_codes,
     encode_png,
     is_imagenet_s_mask_png,
+    mask_codes,
 )
 from vitlens.errors import UserError, one_line_reason
 
@@ -241,7 +244,8 @@ class ImageNetSConverter:
         if not is_imagenet_s_mask_png(mask_bytes):
             mask_bytes = encode_mask(ids)
         key = f"{folder.wnid}_{image_path.stem}".replace(".", "_").replace(" ", "_")
-        return EncodedSample(key, image_member, image_bytes, mask_bytes, meta)
+        codes = encode_mask_codes(mask_codes(ids, label))
+        return EncodedSample(key, image_member, image_bytes, mask_bytes, meta, codes)
 
     @staticmethod
     def _image_names(folder: _ClassFolder) -> list[str]:

@@ -1,7 +1,7 @@
 """One shard as batches, decoded in `torch.utils.data.DataLoader` worker processes, in order.
 
 `shard_batches` is `vitlens.data.reader.iter_shard_batches` with the decoding (JPEG/PNG
-decode, resize, crop, normalise, token labels) spread over `workers` processes, so an actor
+decode, resize, crop, token labels) spread over `workers` processes, so an actor
 decodes the next batches while its device runs the current one. The result is the same
 batches, samples and rejects in the same order as `iter_shard_batches`, for any number of
 workers:
@@ -23,7 +23,7 @@ shard fails like any analysis error, nothing of it is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -35,6 +35,7 @@ from vitlens.data.reader import (
     RejectCallback,
     ShardReadError,
     _collate,
+    check_transform,
     _decode_sample,
     _Decoded,
     _warn_reject,
@@ -43,7 +44,7 @@ from vitlens.data.reader import (
 )
 from vitlens.errors import UserError, one_line_reason
 
-__all__ = ["shard_batches"]
+__all__ = ["reader_options", "shard_batches"]
 
 _DECODE_ERRORS = (ValueError, OSError, KeyError, TypeError, Image.DecompressionBombError)
 
@@ -74,6 +75,8 @@ class _ShardSamples(IterableDataset):
         expected_samples: int | None,
         expected_sha256: str | None,
         num_classes: int | None = None,
+        transform: str = "timm",
+        jpeg_bytes: bool = False,
     ) -> None:
         super().__init__()
         self.url = url
@@ -83,6 +86,8 @@ class _ShardSamples(IterableDataset):
         self.expected_samples = expected_samples
         self.expected_sha256 = expected_sha256
         self.num_classes = num_classes
+        self.transform = transform
+        self.jpeg_bytes = jpeg_bytes
 
     def __iter__(self) -> Iterator[_Decoded | _Rejected | _StreamEnd]:
         info = get_worker_info()
@@ -94,7 +99,7 @@ class _ShardSamples(IterableDataset):
                     continue
                 try:
                     yield _decode_sample(key, members, self.geometry, self.patch_size, self.num_prefix_tokens,
-                                         self.num_classes)
+                                         self.num_classes, self.transform, self.jpeg_bytes)
                 except _DECODE_ERRORS as err:
                     yield _Rejected(key, one_line_reason(err), reject_stage(err))
         except ShardReadError as err:
@@ -129,6 +134,8 @@ def shard_batches(
     pin_memory: bool = False,
     prefetch_batches: int = 2,
     num_classes: int | None = None,
+    transform: str = "timm",
+    jpeg_bytes: bool = False,
 ) -> Iterator[Batch]:
     """Stream one shard as batches of at most `batch_size` samples, decoded by `workers`
     DataLoader processes (0: in this process). Same batches, rejects and `ShardReadError`
@@ -137,14 +144,17 @@ def shard_batches(
     `prefetch_batches` batches per worker are decoded ahead of the consumer. `num_classes`
     is the model's class count: a sample whose `class_index` is not in [0, num_classes) is
     a reject of stage `label` (`on_reject(url, key, reason, stage)`), not a batch error.
+    `transform` and `jpeg_bytes`: what a batch holds of its images (`vitlens.data.reader`);
+    `pin_memory` pins `Batch.pixels` ("timm").
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    check_transform(transform, jpeg_bytes)
     reject = on_reject or _warn_reject
     dataset = _ShardSamples(url, geometry, patch_size, num_prefix_tokens, expected_samples, expected_sha256,
-                            num_classes)
+                            num_classes, transform, jpeg_bytes)
     if workers == 0:
         items: Iterator = iter(dataset)
     else:
@@ -166,16 +176,23 @@ def shard_batches(
             continue
         pending.append(item)
         if len(pending) == batch_size:
-            yield _pinned(_collate(pending, url), pin_memory)
+            yield _pinned(_collate(pending, url, geometry), pin_memory)
             pending = []
     if pending:
-        yield _pinned(_collate(pending, url), pin_memory)
+        yield _pinned(_collate(pending, url, geometry), pin_memory)
     if failure is not None:
         raise ShardReadError(failure)
 
 
+def reader_options(transform: str, device: torch.device) -> dict[str, Any]:
+    """The reader's `transform` and `jpeg_bytes` for a job's `[data] transform` on `device`:
+    with "device" on CUDA the JPEGs go to the device undecoded (nvJPEG)."""
+    check_transform(transform)
+    return {"transform": transform, "jpeg_bytes": transform == "device" and torch.device(device).type == "cuda"}
+
+
 def _pinned(batch: Batch, pin_memory: bool) -> Batch:
-    """`batch` with its images in page-locked memory (fast, asynchronous copies to CUDA)."""
-    if pin_memory:
-        batch.images = batch.images.pin_memory()
+    """`batch` with its pixels in page-locked memory (fast, asynchronous copies to CUDA)."""
+    if pin_memory and batch.pixels is not None:
+        batch.pixels = batch.pixels.pin_memory()
     return batch

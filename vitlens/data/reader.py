@@ -11,6 +11,20 @@ broken JSON, an image or mask that does not decode, a mask of another size) or `
 (its meta.json `class_index` is no integer, is negative, or — given the model's
 `num_classes` — is not below it: one bad label costs its own sample, never the batch).
 
+`transform` says what a batch holds of its images (the mask, labels and collation are the same
+in every mode; a mask's code plane `mask.codes.png` is read when the shard has one, else
+`mask.png`):
+
+- `"timm"` (default): `Batch.pixels` [B, 3, H, W] uint8, resized and cropped on the host
+  exactly as timm's eval transform; `Batch.model_input(device)` normalises on `device`
+  (bit-identical to timm's float32 output);
+- `"device"`: no resize on the host: `Batch.originals` holds each image as decoded, uint8
+  [3, h, w] RGB (PIL's decode and `convert("RGB")`, as timm's); with `jpeg_bytes=True` a
+  JPEG in RGB or grey is passed as its bytes instead, undecoded (its size read from the
+  header; for nvJPEG on CUDA), other images decoded as before. `Batch.model_input(device)`
+  resizes, crops and normalises them on the device
+  (`vitlens.data.device_transform.device_model_input`; close to timm, not bit-identical).
+
 A damaged shard is not a reject: after yielding every sample (batch) it could read, the
 reader raises `ShardReadError` when the tar breaks off (no end-of-archive marker, a
 truncated member or header, bytes that are no tar), when the shard holds another number
@@ -22,6 +36,7 @@ bytes after the end-of-archive marker are drained into it), never by a second re
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -36,19 +51,23 @@ from vitlens.data.geometry import EvalGeometry
 from vitlens.data.manifest import read_manifest, shard_urls
 from vitlens.data.sample_format import (
     IMAGE_MEMBERS,
+    MASK_CODES_MEMBER,
     MASK_MEMBER,
     META_MEMBER,
     decode_image,
     decode_mask,
+    decode_mask_codes,
     decode_meta,
+    mask_codes,
     split_member_name,
 )
-from vitlens.data.token_labels import token_labels
+from vitlens.data.token_labels import code_token_labels
 from vitlens.errors import UserError, one_line_reason
+from vitlens.settings import TRANSFORMS
 
-__all__ = ["Batch", "LabelError", "REJECT_DECODE", "REJECT_LABEL", "REJECT_STAGES", "RejectCallback",
-           "ShardReadError", "check_class_index", "iter_batches", "iter_shard_batches", "iter_shard_samples",
-           "read_manifest", "reject_stage", "shard_urls"]
+__all__ = ["Batch", "ImageInput", "LabelError", "REJECT_DECODE", "REJECT_LABEL", "REJECT_STAGES", "RejectCallback",
+           "ShardReadError", "check_class_index", "check_transform", "iter_batches", "iter_shard_batches",
+           "iter_shard_samples", "read_manifest", "reject_stage", "shard_urls"]
 
 RejectCallback = Callable[[str, str, str, str], None]  # (shard, key, reason, stage)
 
@@ -78,23 +97,51 @@ class ShardReadError(Exception):
         super().__init__(self.reason)
 
 
+#: One image before the device transform: decoded uint8 [3, h, w] RGB, or a JPEG's bytes.
+ImageInput = torch.Tensor | bytes
+
+
 @dataclass
 class Batch:
-    """A batch of transformed images with their labels (all from one shard)."""
+    """A batch of images with their labels (all from one shard), as its reader's `transform`
+    made them: `pixels` ("timm") or `originals` ("device"); the other is None."""
 
-    images: torch.Tensor  # [B, 3, H, W] float32, normalised
+    pixels: torch.Tensor | None  # [B, 3, H, W] uint8, resized and cropped (a channels-last view)
+    originals: list[ImageInput] | None  # per image: uint8 [3, h, w] as decoded, or JPEG bytes
     class_index: torch.Tensor  # [B] int64, the model's label space
     fg_fraction: torch.Tensor  # [B, P + N] float32, NaN for prefix tokens
     token_label: torch.Tensor  # [B, P + N] int8, codes of vitlens.data.token_labels
     keys: list[str]
     meta: list[dict[str, Any]]
     shard: str
+    geometry: EvalGeometry
+
+    def model_input(self, device: torch.device | str) -> torch.Tensor:
+        """The model's input on `device` -> [B, 3, H, W] float32, normalised.
+
+        "timm": the uint8 pixels are copied to `device` (asynchronously from pinned memory)
+        and normalised there, bit-identical to timm's eval transform. "device": the
+        originals are resized, cropped and normalised on `device`
+        (`vitlens.data.device_transform.device_model_input`).
+        """
+        if self.pixels is not None:
+            pixels = self.pixels.to(device, non_blocking=True).contiguous()  # [B, 3, H, W] uint8
+            return self.geometry.normalise(pixels)
+        from vitlens.data.device_transform import device_model_input  # the device transform only
+
+        assert self.originals is not None
+        return device_model_input(self.originals, self.geometry, device)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The model's input on the CPU -> [B, 3, H, W] float32 (`model_input("cpu")`)."""
+        return self.model_input("cpu")
 
 
 @dataclass
 class _Decoded:
     key: str
-    image: np.ndarray  # [3, H, W] float32
+    image: np.ndarray | ImageInput  # "timm": [H, W, 3] uint8; "device": see Batch.originals
     fg_fraction: np.ndarray  # [P + N] float32
     token_label: np.ndarray  # [P + N] int8
     meta: dict[str, Any]
@@ -126,17 +173,19 @@ def _warn_reject(shard: str, key: str, reason: str, stage: str) -> None:
 
 
 class _HashingReader:
-    """A read-only file object over a stream that feeds every byte it returns into sha256."""
+    """A read-only file object over a stream that feeds every byte it returns into sha256
+    (when `hashing`; else `digest` stays None)."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], hashing: bool = True) -> None:
         self._stream = stream
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if hashing else None
         self.bytes_read = 0
 
     def read(self, size: int = -1) -> bytes:
         """Read like the wrapped stream; the bytes also go into the hash."""
         data = self._stream.read(size)
-        self.digest.update(data)
+        if self.digest is not None:
+            self.digest.update(data)
         self.bytes_read += len(data)
         return data
 
@@ -183,8 +232,10 @@ def _header_damage(err: tarfile.HeaderError) -> str:
     return f"invalid tar header ({one_line_reason(err)})"
 
 
-def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a tar stream's file members into `(key, {member: bytes})` samples."""
+def _tar_samples(tar: tarfile.TarFile, end: _EndOfArchive) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar stream's file members into `(key, {member: bytes})` samples. When the
+    stream broke off (no end-of-archive marker), the last sample only if it holds meta.json,
+    the last member every shard writer writes (else it may be partial)."""
     key: str | None = None
     members: dict[str, bytes] = {}
     for info in tar:
@@ -198,12 +249,12 @@ def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]
         extracted = tar.extractfile(info)
         assert extracted is not None
         members[member] = extracted.read()
-    if key is not None:
+    if key is not None and (end.clean or META_MEMBER in members):
         yield key, members
 
 
 def _check_problems(
-    count: int, digest: str, expected_samples: int | None, expected_sha256: str | None
+    count: int, digest: str | None, expected_samples: int | None, expected_sha256: str | None
 ) -> list[str]:
     """Differences of a completely read shard from what its manifest says."""
     problems = []
@@ -234,7 +285,7 @@ def iter_shard_samples(
         raise
     except Exception as err:  # gopen / fsspec raise various types for missing files / bad URLs
         raise UserError(f"cannot open shard {url}: {err}") from err
-    stream = _HashingReader(raw)
+    stream = _HashingReader(raw, hashing=expected_sha256 is not None)  # no sha256 to check: no hashing
     end = _EndOfArchive()
     count = 0
     damage: str | None = None
@@ -246,7 +297,7 @@ def iter_shard_samples(
             damage = one_line_reason(err)
         else:
             with tar:
-                samples = _tar_samples(tar)
+                samples = _tar_samples(tar, end)
                 while True:
                     try:
                         sample = next(samples)
@@ -273,9 +324,35 @@ def iter_shard_samples(
                 damage = f"stream failed: {one_line_reason(err)}"
     if damage is not None:
         raise ShardReadError(f"shard truncated after {count} samples: {damage}")
-    problems = _check_problems(count, stream.digest.hexdigest(), expected_samples, expected_sha256)
+    digest = stream.digest.hexdigest() if stream.digest is not None else None
+    problems = _check_problems(count, digest, expected_samples, expected_sha256)
     if problems:
         raise ShardReadError("; ".join(problems))
+
+
+def check_transform(transform: str, jpeg_bytes: bool = False) -> None:
+    """Raise ValueError for a `transform` the reader does not know, or `jpeg_bytes` without "device"."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if jpeg_bytes and transform != "device":
+        raise ValueError(f"jpeg_bytes needs transform 'device', got {transform!r}")
+
+
+def _image_input(data: bytes, geometry: EvalGeometry, transform: str, jpeg_bytes: bool
+                 ) -> tuple[np.ndarray | ImageInput, tuple[int, int]]:
+    """One image member as the batch holds it, and the image's (height, width)."""
+    if jpeg_bytes:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            if header.format == "JPEG" and header.mode in ("RGB", "L"):
+                return data, (header.height, header.width)
+    image = decode_image(data)
+    size = (image.height, image.width)
+    if transform == "timm":
+        return geometry.image_pixels(image), size  # [H, W, 3] uint8
+    pixels = np.asarray(image)  # [h, w, 3] uint8, read-only (PIL's bytes): the tensor is never written
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(pixels).permute(2, 0, 1), size  # [3, h, w] uint8 view
 
 
 def _decode_sample(
@@ -285,39 +362,49 @@ def _decode_sample(
     patch_size: int | tuple[int, int],
     num_prefix_tokens: int,
     num_classes: int | None = None,
+    transform: str = "timm",
+    jpeg_bytes: bool = False,
 ) -> _Decoded:
     """Decode and transform one raw sample; raises ValueError/OSError with the reason
     (`LabelError` for a `class_index` outside [0, num_classes), checked before the image
-    is decoded)."""
+    is decoded). The mask's code plane is read when present, else `mask.png`."""
     image_member = next((name for name in IMAGE_MEMBERS if name in members), None)
-    missing = [name for name in (MASK_MEMBER, META_MEMBER) if name not in members]
+    mask_member = MASK_CODES_MEMBER if MASK_CODES_MEMBER in members else MASK_MEMBER
+    missing = [name for name in (mask_member, META_MEMBER) if name not in members]
     if image_member is None or missing:
         raise ValueError(f"missing member(s) {', '.join(missing or ['image'])}")
     meta = decode_meta(members[META_MEMBER])
     check_class_index(key, meta["class_index"], num_classes)
-    image = decode_image(members[image_member])
-    mask = decode_mask(members[MASK_MEMBER])
-    if mask.shape != (image.height, image.width):
-        raise ValueError(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.width}x{image.height}"
-        )
-    fg_fraction, label = token_labels(
-        geometry.mask(mask), int(meta["mask_class_id"]), patch_size, num_prefix_tokens
-    )
-    return _Decoded(key, geometry.image_array(image), fg_fraction.numpy(), label.numpy(), meta)
+    image, (height, width) = _image_input(members[image_member], geometry, transform, jpeg_bytes)
+    if mask_member == MASK_CODES_MEMBER:
+        codes = decode_mask_codes(members[MASK_CODES_MEMBER])  # [h, w] uint8
+    else:
+        codes = mask_codes(decode_mask(members[MASK_MEMBER]), int(meta["mask_class_id"]))
+    if codes.shape != (height, width):
+        raise ValueError(f"mask is {codes.shape[1]}x{codes.shape[0]} but image is {width}x{height}")
+    fg_fraction, label = code_token_labels(geometry.mask_codes(codes), patch_size, num_prefix_tokens)
+    return _Decoded(key, image, fg_fraction, label, meta)
 
 
-def _collate(samples: list[_Decoded], shard: str) -> Batch:
-    """Stack in numpy (torch.stack of small tensors contends for torch's thread pool)."""
+def _collate(samples: list[_Decoded], shard: str, geometry: EvalGeometry) -> Batch:
+    """Stack in numpy (torch.stack of small tensors contends for torch's thread pool); the
+    pixels are stacked channels-last, one copy, and viewed as [B, 3, H, W]."""
     class_index = np.array([s.meta["class_index"] for s in samples], dtype=np.int64)  # checked ints
+    pixels = originals = None
+    if isinstance(samples[0].image, np.ndarray):
+        pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)  # [B, 3, H, W]
+    else:
+        originals = [s.image for s in samples]
     return Batch(
-        images=torch.from_numpy(np.stack([s.image for s in samples])),
+        pixels=pixels,
+        originals=originals,
         class_index=torch.from_numpy(class_index),
         fg_fraction=torch.from_numpy(np.stack([s.fg_fraction for s in samples])),
         token_label=torch.from_numpy(np.stack([s.token_label for s in samples])),
         keys=[s.key for s in samples],
         meta=[s.meta for s in samples],
         shard=shard,
+        geometry=geometry,
     )
 
 
@@ -331,8 +418,13 @@ def iter_shard_batches(
     expected_samples: int | None = None,
     expected_sha256: str | None = None,
     num_classes: int | None = None,
+    transform: str = "timm",
+    jpeg_bytes: bool = False,
 ) -> Iterator[Batch]:
     """Stream one shard as batches of at most `batch_size` samples (the last may be smaller).
+
+    `transform` ("timm" | "device") and `jpeg_bytes` say what a batch holds of its images
+    (module docstring).
 
     Undecodable samples call `on_reject(url, key, reason, stage)` (default: a warning;
     `reason` is one deterministic line; `stage` is `decode`, or `label` for a `class_index`
@@ -346,6 +438,7 @@ def iter_shard_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_transform(transform, jpeg_bytes)
     reject = on_reject or _warn_reject
     pending: list[_Decoded] = []
     samples = iter_shard_samples(url, expected_samples, expected_sha256)
@@ -359,15 +452,16 @@ def iter_shard_batches(
             failure = err
             break
         try:
-            pending.append(_decode_sample(key, members, geometry, patch_size, num_prefix_tokens, num_classes))
+            pending.append(_decode_sample(key, members, geometry, patch_size, num_prefix_tokens, num_classes,
+                                          transform, jpeg_bytes))
         except (ValueError, OSError, KeyError, TypeError, Image.DecompressionBombError) as err:
             reject(url, key, one_line_reason(err), reject_stage(err))
             continue
         if len(pending) == batch_size:
-            yield _collate(pending, url)
+            yield _collate(pending, url, geometry)
             pending = []
     if pending:
-        yield _collate(pending, url)
+        yield _collate(pending, url, geometry)
     if failure is not None:
         raise failure
 
@@ -380,9 +474,12 @@ def iter_batches(
     num_prefix_tokens: int,
     on_reject: RejectCallback | None = None,
     num_classes: int | None = None,
+    transform: str = "timm",
+    jpeg_bytes: bool = False,
 ) -> Iterator[Batch]:
     """`iter_shard_batches` over an explicit list of shards, in the given order."""
     for url in urls:
         yield from iter_shard_batches(
-            url, geometry, batch_size, patch_size, num_prefix_tokens, on_reject, num_classes=num_classes
+            url, geometry, batch_size, patch_size, num_prefix_tokens, on_reject, num_classes=num_classes,
+            transform=transform, jpeg_bytes=jpeg_bytes,
         )

@@ -7,6 +7,7 @@ to its first dot; keys therefore contain no `.`):
 |---|---|
 | `{key}.image.png` / `{key}.image.jpg` | the image: PNG (lossless) for the embedded set, the original JPEG bytes (never re-encoded) for ImageNet-S |
 | `{key}.mask.png` | RGB PNG in ImageNet-S encoding: class id = R + 256*G; 0 = other/context, 1000 = ignore |
+| `{key}.mask.codes.png` | what the token labels need, one code per pixel: 0 context, 1 class (`mask_class_id`), 2 ignore (id 1000); a 2-bit palette PNG (index = code), ~6x cheaper to decode than `mask.png` |
 | `{key}.meta.json` | `{"class_index", "mask_class_id", "class_name", "wnid", "folder_wnid", "source", "split", "dataset"}` |
 
 - `class_index`: the class in the *model's* label space (ImageNet-1k index for
@@ -19,8 +20,12 @@ to its first dot; keys therefore contain no `.`):
 - `source`: where the image came from (path relative to the data set root, or the
   generator and its settings); `split`, `dataset`: as in the shard name.
 
+`mask.codes.png` is derived from `mask.png` and `mask_class_id` (`mask_codes`); readers take
+it when present and fall back to `mask.png` (shards written before it existed). `mask.png`
+stays in every shard: it keeps every object's id (the report and other analyses read it).
+
 Shards are `{dataset}-{split}-{NNNNNN}.tar` (uncompressed, members in the order image,
-mask, meta; mtimes, owners and modes fixed, so the same inputs give byte-identical
+mask, mask codes, meta; mtimes, owners and modes fixed, so the same inputs give byte-identical
 shards) in one directory with `manifest.json` (see `vitlens.data.manifest`).
 """
 
@@ -39,8 +44,16 @@ MASK_CONTEXT_ID: int = 0
 MASK_IGNORE_ID: int = 1000
 MASK_MAX_ID: int = 255 + 256 * 255
 
+#: The codes of `mask.codes.png` (the token-label codes of vitlens.data.token_labels).
+MASK_CODE_CONTEXT: int = 0
+MASK_CODE_CLASS: int = 1
+MASK_CODE_IGNORE: int = 2
+# Palette of `mask.codes.png` (index = code): context grey, class green, ignore black (for viewing only).
+_CODES_PALETTE: tuple[int, ...] = (128, 128, 128, 0, 200, 0, 0, 0, 0)
+
 IMAGE_MEMBERS: tuple[str, ...] = ("image.png", "image.jpg")
 MASK_MEMBER: str = "mask.png"
+MASK_CODES_MEMBER: str = "mask.codes.png"
 META_MEMBER: str = "meta.json"
 
 SHARD_NAME_PATTERN: str = "{dataset}-{split}-{index:06d}.tar"
@@ -82,15 +95,20 @@ class EncodedSample:
     image_bytes: bytes
     mask_png: bytes
     meta: SampleMeta
+    mask_codes_png: bytes | None = None  # None: derived from mask_png and meta.mask_class_id
 
     def members(self) -> list[tuple[str, bytes]]:
         """Tar members `(name, data)` of this sample in their fixed order."""
         check_key(self.key)
         if self.image_member not in IMAGE_MEMBERS:
             raise ValueError(f"sample {self.key}: image member must be one of {IMAGE_MEMBERS}")
+        codes = self.mask_codes_png
+        if codes is None:
+            codes = encode_mask_codes(mask_codes(decode_mask(self.mask_png), self.meta.mask_class_id))
         return [
             (f"{self.key}.{self.image_member}", self.image_bytes),
             (f"{self.key}.{MASK_MEMBER}", self.mask_png),
+            (f"{self.key}.{MASK_CODES_MEMBER}", codes),
             (f"{self.key}.{META_MEMBER}", encode_meta(self.meta)),
         ]
 
@@ -159,6 +177,45 @@ def decode_mask(png: bytes) -> np.ndarray:
         return decode_mask_image(mask)
 
 
+def mask_codes(ids: np.ndarray, mask_class_id: int) -> np.ndarray:
+    """The token-label code of every pixel of a class-id mask -> [H, W] uint8.
+
+    ids: [H, W] integer class ids. `MASK_CODE_CLASS` where the id is `mask_class_id`,
+    `MASK_CODE_IGNORE` where it is `MASK_IGNORE_ID`, `MASK_CODE_CONTEXT` elsewhere.
+    """
+    ids = np.asarray(ids)
+    codes = np.zeros(ids.shape, dtype=np.uint8)  # [H, W]
+    codes[ids == mask_class_id] = MASK_CODE_CLASS
+    codes[ids == MASK_IGNORE_ID] = MASK_CODE_IGNORE
+    return codes
+
+
+def encode_mask_codes(codes: np.ndarray) -> bytes:
+    """`mask.codes.png` bytes of codes [H, W] in 0..2: a palette PNG (2 bits per pixel,
+    index = code; deterministic output)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.ndim != 2:
+        raise ValueError(f"mask codes must be 2-D [H, W], got shape {codes.shape}")
+    if codes.size and codes.max() > MASK_CODE_IGNORE:
+        raise ValueError(f"mask codes must be in 0..{MASK_CODE_IGNORE}, got up to {codes.max()}")
+    image = Image.frombytes("P", (codes.shape[1], codes.shape[0]), codes.tobytes())
+    image.putpalette(_CODES_PALETTE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def decode_mask_codes(png: bytes) -> np.ndarray:
+    """Decode `mask.codes.png` bytes -> codes [H, W] uint8 in 0..2 (ValueError otherwise)."""
+    with Image.open(io.BytesIO(png)) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"mask codes must be a palette or grey PNG, got mode {image.mode!r}")
+        codes = np.asarray(image)  # [H, W] uint8: palette indices or grey values
+    if codes.size and codes.max() > MASK_CODE_IGNORE:
+        raise ValueError(f"mask codes must be in 0..{MASK_CODE_IGNORE}, got up to {codes.max()}")
+    return codes
+
+
 def is_imagenet_s_mask_png(png: bytes) -> bool:
     """True when the bytes are a PNG in RGB mode (already the ImageNet-S encoding)."""
     with Image.open(io.BytesIO(png)) as mask:
@@ -178,7 +235,7 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes (PNG or JPEG) fully into an RGB PIL image."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def encode_meta(meta: SampleMeta) -> bytes:

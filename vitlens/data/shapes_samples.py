@@ -3,7 +3,8 @@
 The image is stored as a lossless PNG; the mask holds `class_index + 1` on the object
 and 0 (context) elsewhere, so `mask_class_id = class_index + 1`. In harder settings the
 mask marks only the *visible* object: pixels hidden by an occluder and distractor shapes
-of other classes are context (0).
+of other classes are context (0). The mask's code plane (`mask.codes.png`) is written from
+the same ids.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from vitlens.data.sample_format import (
     EncodedSample,
     SampleMeta,
     encode_mask,
+    encode_mask_codes,
     encode_png,
+    mask_codes,
 )
 from vitlens.data.shapes import (
     DEFAULT_DIFFICULTY,
@@ -45,7 +48,8 @@ def encode_shapes_sample(sample: ShapesSample, split: str, source: str) -> Encod
         split=split,
         dataset=SHAPES_DATASET,
     )
-    return EncodedSample(sample.key, "image.png", encode_png(sample.image), encode_mask(ids), meta)
+    return EncodedSample(sample.key, "image.png", encode_png(sample.image), encode_mask(ids), meta,
+                         encode_mask_codes(mask_codes(ids, mask_class_id)))
 
 
 def shapes_source(

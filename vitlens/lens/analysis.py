@@ -1,9 +1,10 @@
 """`Lens`: the hooked forward with every stream projected and reduced on the device.
 
-Per batch: one forward over the unmodified timm modules; per (block, stream) one projection
-matmul over all B×T tokens, reduced at once to rank / correct logit / top-k (and the memory
-flags for the sub-layers); only one [B, T, C] logits tensor is alive at a time; hidden
-states are never kept past their block. No Python loop runs over images or tokens.
+Per batch: one forward over the unmodified timm modules; per block one projection matmul
+over all B×T tokens of its three streams (concatenated where they cover the same tokens),
+reduced at once to rank / correct logit / top-k (and, unless switched off, the memory flags
+and input logits of the sub-layers); only one block's [B, 3T, C] logits are alive at a time;
+hidden states are never kept past their block. No Python loop runs over images or tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from vitlens.lens.memories import build_memory_tables, token_memory_flags
 from vitlens.lens.output import CLASS_FILL, RANK_FILL, STREAM_ATTN, STREAM_MLP, STREAM_RESID, LensBatch
 from vitlens.lens.perturb import AttentionPerturbation, attention_keep_mask
 from vitlens.lens.precision import Precision, check_precision, forward_precision, in_precision
-from vitlens.lens.reduce import LogitReduction, reduce_logits
+from vitlens.lens.projection import Projection, projection_for
+from vitlens.lens.trace import BlockTrace
 
 DEFAULT_TOP_K = 5
 
@@ -24,12 +26,21 @@ DEFAULT_TOP_K = 5
 class Lens:
     """The class-embedding-space lens over one timm model (checked once, memory tables cached)."""
 
-    def __init__(self, model: torch.nn.Module, top_k: int = DEFAULT_TOP_K, precision: Precision = "fp32") -> None:
+    def __init__(
+        self, model: torch.nn.Module, top_k: int = DEFAULT_TOP_K, precision: Precision = "fp32",
+        projections: str = "fp32", memory_flags: bool = True, input_logits: bool = True,
+    ) -> None:
         """Check `model` through its family adapter (raises `UserError` if unsupported) and
         precompute its memory tables.
 
         `precision` is the forward's arithmetic (`vitlens.lens.precision`): "fp32", "tf32"
         or "bf16"; every projection, rank and top-k is computed from fp32 logits.
+        `projections` ("fp32" | "fast", `vitlens.lens.projection`) is how: "fast" takes low-
+        precision logits and recomputes the near ties in fp32, with the same results bit for bit.
+        `memory_flags=False` skips the §3 key-value flags (`key_value_agreement` and
+        `non_compositional` stay False) and `input_logits=False` the sub-layers' input logits
+        (`input_correct_logit` stays NaN): with both off the lens computes what other logit
+        lenses give — rank, correct logit and top-k of every token, block and stream.
         Move the model to its device first: the tables live where its parameters are.
         """
         self.precision = check_precision(precision)
@@ -37,7 +48,9 @@ class Lens:
         self.adapter: ModelAdapter = adapter_for(model)
         self.anatomy = self.adapter.anatomy
         self.top_k = min(top_k, self.anatomy.num_classes)
-        self.memory_tables = build_memory_tables(self.adapter, top_k)
+        self.projection: Projection = projection_for(self.adapter, projections, self.top_k)
+        self.memory_flags, self.input_logits = memory_flags, input_logits
+        self.memory_tables = build_memory_tables(self.adapter, top_k) if memory_flags else []
 
     def run(
         self,
@@ -91,32 +104,27 @@ class Lens:
                     attention_perturbation, num_tokens, anatomy.num_prefix_tokens,
                     anatomy.has_class_token, device=hidden.device,
                 )
-            self._write_stream(out, 0, STREAM_RESID, hidden, class_index, num_tokens - hidden.shape[1])
+            self._write_streams(out, 0, ((STREAM_RESID, hidden, num_tokens - hidden.shape[1]),), class_index)
             resid_final = hidden
             for trace in in_precision(adapter.iter_block_traces(hidden, keep_mask, key_keep=key_keep),
                                       self.precision, images.device):
                 block, start = trace.index, trace.first_token
-                self._write_stream(out, block, STREAM_RESID, trace.resid_post, class_index, num_tokens - trace.resid_post.shape[1])
-                covered = trace.attn_out.shape[1]  # the sub-layer tokens S
-                if start == 0 and trace.sublayer_tokens is None and trace.resid_pre.shape[1] == num_tokens:
-                    attn_input_logit = out.correct_logit[:, block - 1, STREAM_RESID]
-                else:
-                    attn_input_logit = adapter.correct_class_logit(trace.resid_pre[:, :covered].float(), class_index)
-                sublayers = (
-                    (STREAM_ATTN, "attn", trace.attn_out, trace.attn_coefficients, attn_input_logit),
-                    (STREAM_MLP, "mlp", trace.mlp_out, trace.mlp_coefficients,
-                     adapter.correct_class_logit(trace.resid_mid[:, :covered].float(), class_index)),
-                )
-                for stream, sublayer, output, coefficients, input_logit in sublayers:
-                    reduction = self._write_stream(out, block, stream, output, class_index, start)
-                    positions = slice(start, start + covered)
-                    out.input_correct_logit[:, block, stream, positions] = input_logit
-                    agreement, non_compositional = token_memory_flags(
-                        coefficients.float(), self.memory_tables[block - 1][sublayer], class_index,
-                        reduction.topk_class[..., 0], self.top_k,
-                    )
-                    out.key_value_agreement[:, block, stream, positions] = agreement
-                    out.non_compositional[:, block, stream, positions] = non_compositional
+                top1 = self._write_streams(out, block, (
+                    (STREAM_RESID, trace.resid_post, num_tokens - trace.resid_post.shape[1]),
+                    (STREAM_ATTN, trace.attn_out, start), (STREAM_MLP, trace.mlp_out, start),
+                ), class_index)
+                positions = slice(start, start + trace.attn_out.shape[1])  # the sub-layer tokens S
+                if self.input_logits:
+                    self._write_input_logits(out, trace, class_index, positions)
+                if self.memory_flags:
+                    for stream, sublayer, coefficients in ((STREAM_ATTN, "attn", trace.attn_coefficients),
+                                                           (STREAM_MLP, "mlp", trace.mlp_coefficients)):
+                        agreement, non_compositional = token_memory_flags(
+                            coefficients.float(), self.memory_tables[block - 1][sublayer], class_index,
+                            top1[stream], self.top_k,
+                        )
+                        out.key_value_agreement[:, block, stream, positions] = agreement
+                        out.non_compositional[:, block, stream, positions] = non_compositional
                 resid_final = trace.resid_post
             out.prediction = adapter.model_logits(resid_final.float(), key_keep).argmax(dim=-1)
             out.correct = out.prediction == class_index
@@ -125,22 +133,49 @@ class Lens:
                 _clear_removed(out, key_keep)
             return out
 
-    def _write_stream(
-        self, out: LensBatch, block: int, stream: int, hidden: torch.Tensor, class_index: torch.Tensor,
-        start: int = 0,
-    ) -> LogitReduction:
-        """Project one (block, stream), reduce it and write it into `out` at token positions
-        `start .. start + T'` (positions a block does not cover keep their fill values).
+    def _write_streams(
+        self, out: LensBatch, block: int, streams: tuple[tuple[int, torch.Tensor, int], ...],
+        class_index: torch.Tensor,
+    ) -> dict[int, torch.Tensor]:
+        """Project the (stream, hidden, start) of one block slot, reduce them and write them into
+        `out` at token positions `start .. start + T'` (positions a block does not cover keep
+        their fill values); return each stream's top-1 classes. Streams of one shape and start
+        (consecutive stream indices) share one projection over their tokens concatenated: each
+        row of the GEMM is the same with more rows (`vitlens.lens.projection.exact_logits`).
 
-        # hidden: [B, T', d], class_index: [B] -> LogitReduction ([B, T'] fields)
+        # hidden: [B, T', d] each, class_index: [B] -> {stream: top-1 class [B, T']}
         """
-        reduction = reduce_logits(self.adapter.project(hidden.float()), class_index, self.top_k)
-        positions = slice(start, start + hidden.shape[1])
-        out.rank[:, block, stream, positions] = reduction.rank
-        out.correct_logit[:, block, stream, positions] = reduction.correct_logit
-        out.topk_class[:, block, stream, positions] = reduction.topk_class
-        out.topk_logit[:, block, stream, positions] = reduction.topk_logit
-        return reduction
+        first, hidden, start = streams[0]
+        if any(h.shape != hidden.shape or s != start for _, h, s in streams):
+            top1: dict[int, torch.Tensor] = {}
+            for stream in streams:
+                top1.update(self._write_streams(out, block, (stream,), class_index))
+            return top1
+        batch, tokens, count = hidden.shape[0], hidden.shape[1], len(streams)
+        joined = hidden if count == 1 else torch.cat([h for _, h, _ in streams], dim=1)  # [B, n·T', d]
+        reduction = self.projection.reduce(joined, class_index)
+        selected = (slice(None), block, slice(first, first + count), slice(start, start + tokens))
+        out.rank[selected] = reduction.rank.view(batch, count, tokens)
+        out.correct_logit[selected] = reduction.correct_logit.view(batch, count, tokens)
+        out.topk_class[selected] = reduction.topk_class.view(batch, count, tokens, -1)
+        out.topk_logit[selected] = reduction.topk_logit.view(batch, count, tokens, -1)
+        top1 = reduction.topk_class[..., 0].view(batch, count, tokens)
+        return {first + index: top1[:, index] for index in range(count)}
+
+    def _write_input_logits(
+        self, out: LensBatch, trace: BlockTrace, class_index: torch.Tensor, positions: slice,
+    ) -> None:
+        """The correct-class logit of each sub-layer's input (the attention's: the previous
+        slot's residual stream where it covers the same tokens)."""
+        block, covered = trace.index, trace.attn_out.shape[1]
+        adapter, num_tokens = self.adapter, self.anatomy.num_tokens
+        if trace.first_token == 0 and trace.sublayer_tokens is None and trace.resid_pre.shape[1] == num_tokens:
+            attn_input_logit = out.correct_logit[:, block - 1, STREAM_RESID]
+        else:
+            attn_input_logit = adapter.correct_class_logit(trace.resid_pre[:, :covered].float(), class_index)
+        out.input_correct_logit[:, block, STREAM_ATTN, positions] = attn_input_logit
+        out.input_correct_logit[:, block, STREAM_MLP, positions] = adapter.correct_class_logit(
+            trace.resid_mid[:, :covered].float(), class_index)
 
 
 def _clear_removed(out: LensBatch, key_keep: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """The forward's arithmetic: `fp32` (exact), `tf32` (CUDA tensor cores, fp32 storage) or
 `bf16` (autocast). The projections, ranks and top-k always come from fp32 logits: the lens
 runs each block under the chosen precision and every projection outside it, on the block's
-streams cast to fp32 (`Lens._write_stream`).
+streams cast to fp32 (`Lens._write_streams`; `projections = "fast"` computes them at low
+precision with the same results, `vitlens.lens.projection`).
 
 On the CPU `tf32` changes nothing (no tensor cores); `bf16` runs CPU autocast.
 """

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitlens.report.image_source import shard_url_index
-from vitlens.report.results import open_results, result_files
+from vitlens.report.results import open_results, result_files, table_sql
 
 #: The lens experiment whose `images`/`tokens` rows the gallery draws (the unperturbed model).
 GALLERY_EXPERIMENT = "baseline"
@@ -129,6 +129,7 @@ class ResultSet:
     def __init__(self, results_dir: str | Path) -> None:
         self.files = result_files(results_dir)
         self.con = open_results(self.files)
+        self._tokens_sql: dict[str, str] = {}  # shard file -> SELECT with the view's columns
         specs = [row[0] for row in self.con.execute("SELECT job_spec FROM runs ORDER BY started_at").fetchall()]
         self.shard_urls = shard_url_index(specs)
 
@@ -175,9 +176,13 @@ class ResultSet:
         """The FROM clause and its parameters for one (table, variant, experiment): the shard's
         own file when it exists (one file read instead of the variant's whole table), else the view."""
         key = self.files.shard_file(table, variant, experiment, shard)
-        if key is not None:
+        if key is None:
+            return f"{table} WHERE variant = ? AND experiment = ? AND", [variant, experiment]
+        if table != "tokens":
             return "read_parquet(?)", [self.files.storage.url(key)]
-        return f"{table} WHERE variant = ? AND experiment = ? AND", [variant, experiment]
+        if key not in self._tokens_sql:  # the view's columns, whichever layout the file has
+            self._tokens_sql[key] = f"({table_sql(self.con, table, [self.files.storage.url(key)])})"
+        return self._tokens_sql[key], []
 
     def shard_rows(self, columns: str, table: str, variant: str, experiment: str, shard: str, where: str,
                    params: list[Any]) -> list[tuple]:

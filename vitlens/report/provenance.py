@@ -215,6 +215,8 @@ def run_fields(run: RunProvenance) -> dict[str, str]:
         data = f"{len(run.shards)} shards: " + ", ".join(run.shards[:5]) + (" ..." if len(run.shards) > 5 else "")
     else:
         data = "not recorded"
+    if (run.spec.get("data") or {}).get("transform", "timm") != "timm":  # [data] transform (schema v8)
+        data += f"; transform {run.spec['data']['transform']} (on the device: close to timm's, not bit-identical)"
     if run.experiment_seconds is None:
         per_experiment = "not recorded (run before schema v5)"
     else:

@@ -21,13 +21,14 @@ marker is never counted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import duckdb
 import pyarrow as pa
 
 from vitlens.errors import UserError
 from vitlens.store.committed import ResultFiles, committed_files
-from vitlens.store.schema import TABLES, schema_of
+from vitlens.store.schema import TABLES, TOKENS_COLUMNS, TOKENS_NULL_WHERE, TOKENS_RANKED, ranked, schema_of
 from vitlens.store.storage import open_storage
 
 PARTITION_COLUMNS: tuple[str, ...] = ("variant", "experiment")
@@ -45,9 +46,14 @@ def _view_type(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
+def _view_columns(table: str) -> pa.Schema:
+    """The stored columns of `table` as its view shows them (`tokens`: `TOKENS_COLUMNS`)."""
+    return TOKENS_COLUMNS if table == "tokens" else schema_of(table)
+
+
 def _empty_table(table: str) -> pa.Table:
     """An empty Arrow table with `table`'s columns (as the views show them) + partitions."""
-    fields = [pa.field(f.name, _view_type(f.type)) for f in schema_of(table)]
+    fields = [pa.field(f.name, _view_type(f.type)) for f in _view_columns(table)]
     fields += [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
     return pa.schema(fields).empty_table()
 
@@ -56,14 +62,44 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(files: list[str], table: str) -> str:
+def _read_sql(files: list[str]) -> str:
+    listed = ", ".join(_sql_string(f) for f in files)
+    return f"read_parquet([{listed}], hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
+
+
+def tokens_select(stored: Collection[str]) -> str:
+    """The SELECT list that shows `tokens` files whose (union of) columns is `stored` as the
+    `TOKENS_COLUMNS` of schema <= 7, then the partition columns: since v8 a list column is
+    stored one column per rank and the nullable columns without nulls
+    (`vitlens.store.schema`); a set mixing both layouts reads each row from its own."""
+    parts = []
+    for name in TOKENS_COLUMNS.names:
+        if name in TOKENS_RANKED and ranked(name)[0] in stored:
+            listed = "[" + ", ".join(ranked(name)) + "]"
+            parts.append(f"coalesce({name}, {listed}) AS {name}" if name in stored else f"{listed} AS {name}")
+        elif name in TOKENS_NULL_WHERE:
+            column, value = TOKENS_NULL_WHERE[name]
+            parts.append(f"CASE WHEN {column} <> {_sql_string(value)} THEN {name} END AS {name}")
+        else:
+            parts.append(name)
+    return ", ".join(parts + [name for name in stored if name in PARTITION_COLUMNS])  # in the files' order
+
+
+def table_sql(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
+    """The SELECT of `table`'s rows over its hive-partitioned Parquet `files` (full paths or
+    URLs) with the columns its view shows; for `tokens` it reads the files' footers first
+    (which layout they have: `tokens_select`)."""
+    source = _read_sql(files)
+    if table != "tokens":
+        return f"SELECT * EXCLUDE (\"table\") FROM {source}"
+    stored = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+    return f"SELECT {tokens_select(stored)} FROM {source}"
+
+
+def view_sql(con: duckdb.DuckDBPyConnection, files: list[str], table: str) -> str:
     """The `CREATE VIEW` statement of one table over its hive-partitioned Parquet files
     (full paths or URLs)."""
-    listed = ", ".join(_sql_string(f) for f in files)
-    return (
-        f"CREATE OR REPLACE VIEW {table} AS SELECT * EXCLUDE (\"table\") FROM read_parquet("
-        f"[{listed}], hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
-    )
+    return f"CREATE OR REPLACE VIEW {table} AS {table_sql(con, table, files)}"
 
 
 #: The summary tier's tables as sums over `tokens` rows: the same columns, in schema order.
@@ -141,13 +177,13 @@ def open_results(results_dir: str | Path | ResultFiles) -> duckdb.DuckDBPyConnec
 
     for table in TABLES:
         if files[table]:
-            con.execute(view_sql(files[table], table))
+            con.execute(view_sql(con, files[table], table))
         else:
             con.register(f"_empty_{table}", _empty_table(table))
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
     for table, derived in DERIVED_VIEWS.items():
         if files[DERIVED_FROM[table]]:
-            con.execute(view_sql(files[table], table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
+            con.execute(view_sql(con, files[table], table).replace(f"VIEW {table} AS", f"VIEW _stored_{table} AS")
                         if files[table] else
                         f"CREATE OR REPLACE VIEW _stored_{table} AS SELECT * FROM _empty_{table}")
             con.execute(

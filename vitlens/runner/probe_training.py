@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from vitlens.data.geometry import EvalGeometry
-from vitlens.data.loader import shard_batches
+from vitlens.data.loader import reader_options, shard_batches
 from vitlens.data.manifest import shard_entries
 from vitlens.errors import UserError
 from vitlens.probe import FittedProbes, TunedLens, fit_probes, fit_tuned_lens
@@ -62,9 +62,10 @@ def _training_batches(
                                    on_reject=lambda shard, key, reason, stage: None,
                                    expected_samples=samples, expected_sha256=sha256,
                                    workers=job.resources.workers, pin_memory=device.type == "cuda",
-                                   num_classes=model.num_classes):
+                                   num_classes=model.num_classes,
+                                   **reader_options(getattr(job.data, "transform", "timm"), device)):
             keys.update(batch.keys)
-            yield batch.images.to(device, non_blocking=True), batch.class_index.to(device)
+            yield batch.model_input(device), batch.class_index.to(device)
 
 
 def train(

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from vitlens.data.geometry import EvalGeometry
-from vitlens.data.loader import shard_batches
+from vitlens.data.loader import reader_options, shard_batches
 from vitlens.data.token_labels import LABEL_CLASS, LABEL_CONTEXT
 from vitlens.explain.deletion import kept_token_counts
 from vitlens.explain.evaluate import PerturbationCurve, explain_batch, perturbation_curves
@@ -71,6 +71,9 @@ TUNED_EXPERIMENT = "tuned"
 PROBE_METHOD = "linear_probe"
 #: An experiment that deletion tests need, to tell whether a family can shorten its sequence.
 TOKEN_REMOVAL = "remove_class_tokens"
+#: The device time of each batch's model input (normalisation, or the device transform),
+#: made once per batch for every experiment: a key of the shard's `experiment_seconds`.
+MODEL_INPUT = "model_input"
 
 
 class ProbeBatch(NamedTuple):
@@ -122,7 +125,7 @@ class ShardProcessor:
         self.model = loaded.model
         self.class_names = loaded.class_names
         self.data_config = loaded.data_config
-        self.lens = Lens(self.model, precision=job.resources.precision)
+        self.lens = Lens(self.model, precision=job.resources.precision, projections=job.resources.projections)
         self.geometry = EvalGeometry.from_data_config(loaded.data_config)
         self.patch_size = self.lens.anatomy.token_cell  # the input pixels of one image token (hybrids: the stem's stride)
         self.has_class_token = self.lens.anatomy.has_class_token
@@ -217,7 +220,7 @@ class ShardProcessor:
             for table in tables_of(experiment, detail)
         }
         images = 0
-        clocks = {experiment: DeviceClock(self.device) for experiment in run}
+        clocks = {name: DeviceClock(self.device) for name in (MODEL_INPUT, *run)}
         seconds: dict[str, float] = {}
         background = BackgroundWriter(depth=4)
         try:
@@ -235,12 +238,15 @@ class ShardProcessor:
                 expected_samples=expected_samples, expected_sha256=expected_sha256,
                 workers=self.job.resources.workers, pin_memory=self.device.type == "cuda",
                 num_classes=self.lens.anatomy.num_classes,
+                **reader_options(getattr(self.job.data, "transform", "timm"), self.device),
             )
             for batch_index, batch in enumerate(batches):
                 images += len(batch.keys)
+                with clocks[MODEL_INPUT]:  # once per batch, shared by every experiment (read only)
+                    model_input = batch.model_input(self.device)  # [B, 3, H, W] float32
                 for experiment in run:
                     with clocks[experiment]:
-                        result = self._device_step(batch, experiment, stem)
+                        result = self._device_step(batch, model_input, experiment, stem)
                     background.submit(self._row_writer(writers, experiment, batch, result, stem))
                 if on_batch is not None:
                     on_batch(batch_index)
@@ -276,7 +282,7 @@ class ShardProcessor:
             "seconds": time.perf_counter() - started, "experiments": done,
             "sha256": expected_sha256,  # verified in the read; a later run redoes the shard if it changes
             "device_seconds": sum(clock.seconds for clock in clocks.values()),  # the device step alone
-            "experiment_seconds": seconds,  # per experiment (CUDA events on a GPU), and probe_fit
+            "experiment_seconds": seconds,  # per experiment (CUDA events on a GPU), model_input, probe_fit
             "peak_device_bytes": max((clock.peak_bytes() for clock in clocks.values()), default=0),
         }
         if before_marker is not None:
@@ -285,13 +291,15 @@ class ShardProcessor:
                       kept_files(self.storage, earlier, carried, self.variant, stem) + committed, earlier)
         return stats
 
-    def _device_step(self, batch: Any, experiment: str, stem: str) -> Any:
-        """One experiment's device step on one batch (its result stays on the device)."""
+    def _device_step(self, batch: Any, images: torch.Tensor, experiment: str, stem: str) -> Any:
+        """One experiment's device step on one batch (its result stays on the device).
+
+        # images: [B, 3, H, W] float32 on the device, `batch.model_input` (never modified)
+        """
         if experiment == EXPLAIN_EXPERIMENT:
-            return self._explain(batch)
+            return self._explain(batch, images)
         if experiment == PROBE_EXPERIMENT:
-            return self._probe(batch, stem)
-        images = batch.images.to(self.device, non_blocking=True)
+            return self._probe(batch, images, stem)
         labels = batch.class_index.to(self.device)
         if experiment == HEADS_EXPERIMENT:
             return head_attribution(self.lens.adapter, images, labels, batch.token_label)
@@ -300,32 +308,29 @@ class ShardProcessor:
             check_disjoint(self.tuned, batch.keys, stem)
             with torch.no_grad():
                 return self.tuned.fitted.reduce(self.lens.adapter, images, labels)
-        return self._analyse(batch, experiment)
+        return self._analyse(batch, images, experiment)
 
-    def _analyse(self, batch: Any, experiment: str) -> Any:
+    def _analyse(self, batch: Any, images: torch.Tensor, experiment: str) -> Any:
         """The device step of one lens experiment on one batch: its `LensBatch` (on the device)."""
         perturbation, drop_label = EXPERIMENT_SETTINGS[experiment]
         token_keep = None
         if drop_label is not None:
             token_keep = token_keep_from_labels(batch.token_label, drop_label, self.num_prefix_tokens)
-        images = batch.images.to(self.device, non_blocking=True)
         return self.lens.run(images, batch.class_index, attention_perturbation=perturbation, token_keep=token_keep)
 
-    def _explain(self, batch: Any) -> Any:
+    def _explain(self, batch: Any, images: torch.Tensor) -> Any:
         """The device step of `explain` on one batch: every method and deletion test."""
         settings = self.job.explain
-        images = batch.images.to(self.device, non_blocking=True)
         labels = batch.class_index.to(self.device)
         seed = zlib.crc32("\n".join(batch.keys).encode())  # the random baseline, stable per batch
         return explain_batch(self.model, images, labels, settings.target, settings.source, settings.curve_points, seed,
                              ln=settings.ln, loss=settings.loss, random_orders=settings.random_orders)
 
-    def _probe(self, batch: Any, stem: str) -> ProbeBatch:
+    def _probe(self, batch: Any, images: torch.Tensor, stem: str) -> ProbeBatch:
         """The device step of `probe` on one batch: every probe's rank of the true class, and
         the deletion tests of the probes' importance (METHOD §7)."""
         assert self.probes is not None
         check_disjoint(self.probes, batch.keys, stem)
-        images = batch.images.to(self.device, non_blocking=True)
         labels = batch.class_index.to(self.device)
         probes = self.probes.fitted
         with torch.no_grad():

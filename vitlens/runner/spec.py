@@ -17,6 +17,7 @@ Example (`jobs/demo.toml`)::
     [data]
     manifest = "demo-out/shards/manifest.json"   # or: shards = ["a.tar", "https://.../b.tar"]
     verify = true            # check every shard's sha256 against the manifest (false: skip)
+    transform = "timm"       # timm: exact eval transform on the host | device: on the actor's device
 
     [checkpoints]            # local weight files for variants that need one
     vit_cifar100 = "/models/vit_b16_cifar100.pth"
@@ -35,6 +36,7 @@ Example (`jobs/demo.toml`)::
     max_task_retries = 2     # retries of a shard whose analysis failed or whose actor died
     max_actor_restarts = 2   # passed to Ray; the driver also replaces a dead actor itself
     precision = "fp32"       # the forward: fp32 | tf32 | bf16 (ranks and top-k from fp32 logits)
+    projections = "fp32"     # fp32 | fast (bf16 logits, near ties in fp32: the same results bit for bit)
     decode_workers = 2       # DataLoader decode processes per actor (default: cpus_per_actor - 1)
 
     [explain]                # settings of the "explain" experiment (paper §7), all optional
@@ -58,7 +60,7 @@ from typing import Any, Mapping
 
 from vitlens.errors import UserError
 from vitlens.store.storage import normalise_root
-from vitlens.settings import DETAILS, EXPLAIN_LN, EXPLAIN_LOSSES, PRECISIONS, PROBE_STREAMS
+from vitlens.settings import DETAILS, EXPLAIN_LN, EXPLAIN_LOSSES, PRECISIONS, PROBE_STREAMS, PROJECTIONS, TRANSFORMS
 from vitlens.runner.spec_keys import FLAG, TEXT, TEXTS, Key, checked, integer, is_int, one_of, positive_number
 from vitlens.toml_files import read_toml, toml_value
 
@@ -100,7 +102,7 @@ KEYS: dict[str, dict[str, Key]] = {
         "batch_size": integer(1),
         "detail": one_of(DETAILS),
     },
-    "data": {"manifest": TEXT, "shards": TEXTS, "verify": FLAG},
+    "data": {"manifest": TEXT, "shards": TEXTS, "verify": FLAG, "transform": one_of(TRANSFORMS)},
     "resources": {
         "device": one_of(DEVICES),
         "cpus_per_actor": positive_number(),
@@ -108,6 +110,7 @@ KEYS: dict[str, dict[str, Key]] = {
         "max_task_retries": integer(0),
         "max_actor_restarts": integer(0),
         "precision": one_of(PRECISIONS),
+        "projections": one_of(PROJECTIONS),
         "decode_workers": integer(0),
     },
     "explain": {"target": one_of(EXPLAIN_TARGETS), "source": one_of(EXPLAIN_SOURCES), "curve_points": CURVE_POINTS,
@@ -156,6 +159,7 @@ class DataSpec:
     manifest: str | None = None
     shards: tuple[str, ...] = ()
     verify: bool = True  # check each shard's sha256 against the manifest before reading it
+    transform: str = "timm"  # resize/crop/normalise: timm (host, exact) | device (actor's device, nvJPEG on CUDA)
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -173,6 +177,7 @@ class ResourceSpec:
     max_task_retries: int = 2
     max_actor_restarts: int = 2
     precision: str = "fp32"  # the forward's arithmetic: fp32 | tf32 | bf16 (ranks from fp32 logits)
+    projections: str = "fp32"  # the projections: fp32 | fast (vitlens.lens.projection; same results)
     decode_workers: int = -1  # DataLoader decode processes per actor; -1: cpus_per_actor - 1
 
     def __post_init__(self) -> None:

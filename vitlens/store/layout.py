@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitlens.errors import UserError
+from vitlens.store.schema import TOKENS, ranked
 from vitlens.store.storage import FileRecord, StagedFile, Storage, open_storage
 
 NO_EXPERIMENT = "none"
@@ -216,7 +217,35 @@ def clean_temporaries(root: "str | Path | Storage") -> int:
 #: zstd level of the streamed (per-shard) tables, chosen by measurement on B/16 `tokens` rows
 #: (64 images, one core): level 1 writes in 0.87x the time of level 3 for 1.02x the bytes;
 #: lz4 / snappy / no compression are faster still but 1.3-2.2x the bytes (benchmarks/README.md).
+#: Since schema v8 `tokens` is written column by column (`_tokens_options`).
 STREAM_ZSTD_LEVEL = 1
+
+
+def _tokens_options() -> dict[str, Any]:
+    """How `tokens` is written (schema v8; chosen by measurement on B/16 rows, one core, in
+    docs/schema.md "How tokens is stored"): dictionary pages only for the string columns;
+    byte-stream-split integers and float32 (zero high bytes and exponents then cost lz4
+    next to nothing); lz4 where zstd saves little, zstd for the half-precision logits (a
+    quarter of their bytes); statistics only on `image_key`, the one column whose row-group
+    ranges prune (the explorer and gallery read one image)."""
+    ranked_class, ranked_logit = ranked("top5_class"), ranked("top5_logit")
+    split = ["identifiability_rank", "correct_logit", "sublayer_input_correct_logit", *ranked_class]
+    compression = {name: "lz4" for name in TOKENS.names}
+    compression.update({name: "zstd" for name in ranked_logit})
+    return {
+        "use_dictionary": ["image_key", "stream", "token_kind", "label"],
+        "column_encoding": {name: "BYTE_STREAM_SPLIT" for name in split},
+        "compression": compression,
+        "compression_level": {name: STREAM_ZSTD_LEVEL for name in ranked_logit},
+        "write_statistics": ["image_key"],
+    }
+
+
+def stream_options(table: str) -> dict[str, Any]:
+    """The `pyarrow.parquet.ParquetWriter` options of a streamed (per-shard) table."""
+    if table == "tokens":
+        return _tokens_options()
+    return {"compression": "zstd", "compression_level": STREAM_ZSTD_LEVEL}
 
 
 class StagedParquetWriter:
@@ -234,8 +263,8 @@ class StagedParquetWriter:
         self.row_group_size = row_group_size
         self._file = StagedFile(storage, self.key)
         try:
-            self._writer = pq.ParquetWriter(self._file.stream, schema, compression="zstd",
-                                            compression_level=STREAM_ZSTD_LEVEL)
+            table = (schema.metadata or {}).get(b"vitlens.table", b"").decode()
+            self._writer = pq.ParquetWriter(self._file.stream, schema, **stream_options(table))
         except BaseException:
             self._file.abort()
             raise
@@ -253,7 +282,8 @@ class StagedParquetWriter:
 
     def _flush(self) -> None:
         if self._buffer:
-            merged = pa.concat_tables(self._buffer).combine_chunks()
+            # one dictionary per column (as one table has), without copying the columns
+            merged = pa.concat_tables(self._buffer).unify_dictionaries()
             self._writer.write_table(merged, row_group_size=self.row_group_size)
             self._buffer, self._buffered = [], 0
 

@@ -16,7 +16,7 @@ import torch
 from vitlens.data.token_labels import LABEL_NAMES, LABEL_PREFIX
 from vitlens.lens.output import RANK_FILL, STREAM_RESID, STREAMS, LensBatch
 from vitlens.metrics.summary import summarise_residual_match, summarise_tokens
-from vitlens.store.schema import TOKEN_KINDS, to_table
+from vitlens.store.schema import TOKEN_KINDS, ranked, to_table
 
 _KIND_CLS, _KIND_PREFIX, _KIND_IMAGE = (TOKEN_KINDS.index(k) for k in ("cls", "prefix", "image"))
 
@@ -45,9 +45,12 @@ def tokens_table(
     token_label: torch.Tensor,
     has_class_token: bool,
 ) -> pa.Table:
-    """The `tokens` rows of one batch, ordered image × block × stream × token.
+    """The `tokens` rows of one batch, ordered image × block × stream × token, in the stored
+    layout (`vitlens.store.schema.TOKENS`: one column per top-k rank, 0 / false where the
+    views show nulls).
 
-    Vectorised from the lens's tensors where they are (the device): the existing rows are
+    Vectorised from the lens's tensors where they are (the device): every column is a
+    [B, L+1, 3, T] tensor (the coordinates as broadcast views), the existing rows are
     selected and converted to their stored dtypes there, then each column crosses to the
     host once and becomes an Arrow array without a copy or a cast (no per-row Python).
 
@@ -55,64 +58,64 @@ def tokens_table(
     """
     batch = lens_batch
     device = batch.rank.device
-    _, num_slots, num_streams, num_tokens = batch.rank.shape
-    slot_exists = torch.ones(num_slots, num_streams, dtype=torch.bool, device=device)
-    slot_exists[0, [s for s in range(num_streams) if s != STREAM_RESID]] = False
-    present = slot_exists[None, :, :, None] & batch.token_present[:, None, None, :]  # [B, L+1, 3, T]
-    # positions a block does not cover (CaiT / XCiT: the CLS token before the class-attention
-    # blocks, image tokens' sub-layers inside them) were never computed: they hold RANK_FILL
-    present &= batch.rank != RANK_FILL
-    flat = present.reshape(-1).nonzero().squeeze(1)  # [n] row positions in C order, found once
-    token_idx = flat % num_tokens
-    slot_stream = flat // num_tokens
-    stream_idx = slot_stream % num_streams
-    block_idx = (slot_stream // num_streams) % num_slots
-    image_idx = slot_stream // (num_streams * num_slots)
-    image_token = image_idx * num_tokens + token_idx  # [n] index into [B, T] tensors
-    labels = token_label.to(device=device, dtype=torch.int8).reshape(-1).index_select(0, image_token)
-    fg = fg_fraction.to(device=device, dtype=torch.float32).reshape(-1).index_select(0, image_token)
-    kinds = torch.from_numpy(token_kinds(num_tokens, batch.num_prefix_tokens, has_class_token)).to(device)[token_idx]
-    is_resid = stream_idx == STREAM_RESID
+    num_images, num_slots, num_streams, num_tokens = grid = batch.rank.shape
 
-    def host(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.cpu().numpy()
+    def coordinate(values: torch.Tensor, axis: int) -> torch.Tensor:  # [n] along `axis` -> [B, L+1, 3, T]
+        shape = [1] * len(grid)
+        shape[axis] = -1
+        return values.to(device).reshape(shape).expand(grid)
+
+    def per_token(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # [B, T] -> [B, L+1, 3, T]
+        return values.to(device=device, dtype=dtype)[:, None, None, :].expand(grid)
 
     # Usually every token of every existing slot is present: then the rows are two contiguous
-    # pieces per image (slot 0's resid, slots 1..L) and a copy replaces the gather.
-    every_slot = flat.numel() == present.shape[0] * (1 + (num_slots - 1) * num_streams) * num_tokens
+    # pieces per image (slot 0's resid, slots 1..L), copied into place, converting on the way.
+    # Positions a block does not cover (CaiT / XCiT: the CLS token before the class-attention
+    # blocks, image tokens' sub-layers inside them) were never computed: they hold RANK_FILL.
+    computed = batch.rank != RANK_FILL
+    flat = None
+    if not (batch.token_present.all() and computed[:, 0, STREAM_RESID].all() and computed[:, 1:].all()):
+        slot_exists = torch.ones(num_slots, num_streams, dtype=torch.bool, device=device)
+        slot_exists[0, [s for s in range(num_streams) if s != STREAM_RESID]] = False
+        present = slot_exists[None, :, :, None] & batch.token_present[:, None, None, :] & computed
+        flat = present.reshape(-1).nonzero().squeeze(1)  # [n] row positions in C order
 
-    def select(tensor: torch.Tensor) -> torch.Tensor:  # [B, L+1, 3, T, *k] -> [n, *k]
-        if every_slot:
-            tail = tensor.shape[4:]
-            first = tensor[:, 0, STREAM_RESID].reshape(tensor.shape[0], -1, *tail)
-            rest = tensor[:, 1:].reshape(tensor.shape[0], -1, *tail)
-            return torch.cat([first, rest], dim=1).reshape(-1, *tail)
-        return tensor.reshape(-1, *tensor.shape[4:]).index_select(0, flat)
+    def rows(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:  # [*k, B, L+1, 3, T] -> [*k, n]
+        dtype = dtype or tensor.dtype
+        lead = tensor.shape[:-4]
+        if flat is not None:
+            return tensor.reshape(*lead, -1).index_select(-1, flat).to(dtype).cpu().numpy()
+        out = torch.empty(*lead, num_images, 1 + (num_slots - 1) * num_streams, num_tokens, dtype=dtype, device=device)
+        out[..., 0, :] = tensor[..., 0, STREAM_RESID, :]
+        out[..., 1:, :].view(*lead, num_images, num_slots - 1, num_streams, num_tokens).copy_(tensor[..., 1:, :, :])
+        return out.reshape(*lead, -1).cpu().numpy()
 
-    def rows(tensor: torch.Tensor) -> np.ndarray:  # [B, L+1, 3, T] -> [n]
-        return host(select(tensor))
+    def codes(tensor: torch.Tensor, names: tuple[str, ...]) -> pa.DictionaryArray:
+        return dictionary_array(rows(tensor), names)
 
-    def top_k(tensor: torch.Tensor, dtype: torch.dtype) -> pa.FixedSizeListArray:  # [B, L+1, 3, T, k] -> [n] lists
-        values = select(tensor.to(dtype))  # [n, k]
-        return pa.FixedSizeListArray.from_arrays(pa.array(host(values).reshape(-1)), values.shape[1])
+    def sublayer(tensor: torch.Tensor) -> torch.Tensor:  # 0 / false on resid rows (the views null them)
+        return tensor.index_fill(2, torch.tensor([STREAM_RESID], device=device), 0)
 
-    sublayer_null = host(is_resid)
+    kinds = torch.from_numpy(token_kinds(num_tokens, batch.num_prefix_tokens, has_class_token))
     columns = {
-        "image_key": pa.DictionaryArray.from_arrays(pa.array(host(image_idx.to(torch.int32))), pa.array(keys, pa.string())),
-        "block": host(block_idx.to(torch.int16)),
-        "stream": dictionary_array(host(stream_idx.to(torch.int8)), STREAMS),
-        "token": host(token_idx.to(torch.int16)),
-        "token_kind": dictionary_array(host(kinds), TOKEN_KINDS),
-        "label": dictionary_array(host(labels), LABEL_NAMES),
-        "fg_fraction": pa.array(host(fg), mask=host(labels == LABEL_PREFIX)),
+        "image_key": pa.DictionaryArray.from_arrays(
+            pa.array(rows(coordinate(torch.arange(num_images, dtype=torch.int32), 0))), pa.array(keys, pa.string())),
+        "block": rows(coordinate(torch.arange(num_slots, dtype=torch.int16), 1)),
+        "stream": codes(coordinate(torch.arange(num_streams, dtype=torch.int8), 2), STREAMS),
+        "token": rows(coordinate(torch.arange(num_tokens, dtype=torch.int16), 3)),
+        "token_kind": codes(coordinate(kinds, 3), TOKEN_KINDS),
+        "label": codes(per_token(token_label, torch.int8), LABEL_NAMES),
+        "fg_fraction": rows(per_token(fg_fraction.to(device).masked_fill(token_label.to(device) == LABEL_PREFIX, 0),
+                                      torch.float32)),
         "identifiability_rank": rows(batch.rank),
         "correct_logit": rows(batch.correct_logit),
-        "top5_class": top_k(batch.topk_class, torch.int16),
-        "top5_logit": top_k(batch.topk_logit, torch.float16),
-        "sublayer_input_correct_logit": pa.array(rows(batch.input_correct_logit), mask=sublayer_null),
-        "key_value_agreement": pa.array(rows(batch.key_value_agreement), mask=sublayer_null),
-        "non_compositional": pa.array(rows(batch.non_compositional), mask=sublayer_null),
+        "sublayer_input_correct_logit": rows(sublayer(batch.input_correct_logit)),
+        "key_value_agreement": rows(sublayer(batch.key_value_agreement)),
+        "non_compositional": rows(sublayer(batch.non_compositional)),
     }
+    for name, tensor, dtype in (("top5_class", batch.topk_class, torch.int16),
+                                ("top5_logit", batch.topk_logit, torch.float16)):
+        columns.update(zip(ranked(name), rows(tensor.movedim(-1, 0), dtype)))  # one column per rank
     return to_table("tokens", columns)
 
 

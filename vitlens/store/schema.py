@@ -38,11 +38,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from vitlens.settings import DETAILS
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Stream names come from vitlens.lens.output.STREAMS, sub-layers from vitlens.lens.memories.SUBLAYERS,
 # labels from vitlens.data.token_labels.LABEL_NAMES; token kinds are defined here.
@@ -51,7 +52,8 @@ TOKEN_KINDS: tuple[str, ...] = ("cls", "prefix", "image")
 _dict = pa.dictionary(pa.int8(), pa.string())
 TOP_K = 5
 
-TOKENS = pa.schema(
+#: The `tokens` columns as the views show them, and as result sets of schema <= 7 stored them.
+TOKENS_COLUMNS = pa.schema(
     [
         pa.field("image_key", pa.string(), nullable=False),
         pa.field("block", pa.int16(), nullable=False),  # resid: 0..L (0 = embeddings); attn/mlp: 1..L
@@ -69,6 +71,40 @@ TOKENS = pa.schema(
         pa.field("non_compositional", pa.bool_()),  # attn/mlp only
     ]
 )
+
+# How `tokens` is stored since v8 (docs/schema.md, "How tokens is stored"): Parquet writes
+# flat non-null columns several times faster than lists and nullable columns, so
+# - each list column of TOKENS_COLUMNS is one column per rank (`top5_class_1` .. `top5_class_5`);
+# - the nullable columns are stored without nulls (0 / false there), and the views null them
+#   where another column says so: TOKENS_NULL_WHERE[column] = (column, value);
+# - `image_key` is dictionary-encoded in Arrow too (no string per row is built).
+TOKENS_RANKED: tuple[str, ...] = ("top5_class", "top5_logit")
+TOKENS_NULL_WHERE: dict[str, tuple[str, str]] = {
+    "fg_fraction": ("label", "prefix"),
+    "sublayer_input_correct_logit": ("stream", "resid"),
+    "key_value_agreement": ("stream", "resid"),
+    "non_compositional": ("stream", "resid"),
+}
+
+
+def ranked(column: str) -> list[str]:
+    """The stored columns of list column `column` of `tokens`, one per rank: `column_1` .. `column_K`."""
+    return [f"{column}_{rank}" for rank in range(1, TOP_K + 1)]
+
+
+def _stored_tokens(columns: pa.Schema) -> pa.Schema:
+    fields = []
+    for f in columns:
+        if f.name in TOKENS_RANKED:
+            fields += [pa.field(name, f.type.value_type, nullable=False) for name in ranked(f.name)]
+        elif f.name == "image_key":
+            fields.append(pa.field(f.name, pa.dictionary(pa.int32(), pa.string()), nullable=False))
+        else:
+            fields.append(f.with_nullable(f.nullable and f.name not in TOKENS_NULL_WHERE))
+    return pa.schema(fields)
+
+
+TOKENS = _stored_tokens(TOKENS_COLUMNS)
 
 IMAGES = pa.schema(
     [
@@ -302,8 +338,16 @@ def to_table(table: str, columns: Mapping[str, Any]) -> pa.Table:
     """Build an Arrow table of `table`'s schema from column arrays (numpy, lists or Arrow).
 
     Raises KeyError naming a missing or unexpected column; casts each column to its type.
+    `tokens` also takes the columns as the views show them (`TOKENS_COLUMNS`): a list column
+    as a [n, TOP_K] array, split into one column per rank, and nulls where the views null
+    them, stored as 0 / false.
     """
     schema = schema_of(table)
+    if table == "tokens":
+        columns = dict(columns)
+        for name in TOKENS_RANKED:
+            if name in columns:
+                columns.update(zip(ranked(name), np.asarray(columns.pop(name)).T))
     missing = [f.name for f in schema if f.name not in columns]
     extra = [name for name in columns if schema.get_field_index(name) < 0]
     if missing or extra:
@@ -317,9 +361,8 @@ def to_table(table: str, columns: Mapping[str, Any]) -> pa.Table:
             arrays.append(value.cast(f.type))  # index width only; the strings are not expanded
         elif pa.types.is_dictionary(f.type):
             arrays.append(pa.array(value, type=pa.string()).dictionary_encode().cast(f.type))
-        elif pa.types.is_fixed_size_list(f.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
-            flat = pa.array(value.reshape(-1), type=f.type.value_type)
-            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
         else:
             arrays.append(pa.array(value, type=f.type) if not isinstance(value, (pa.Array, pa.ChunkedArray)) else value.cast(f.type))
+        if table == "tokens" and f.name in TOKENS_NULL_WHERE and arrays[-1].null_count:
+            arrays[-1] = arrays[-1].fill_null(pa.scalar(0, f.type) if pa.types.is_floating(f.type) else False)
     return pa.Table.from_arrays(arrays, schema=schema)
