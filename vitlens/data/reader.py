@@ -19,7 +19,8 @@ in every mode; a mask's code plane `mask.codes.png` is read when the shard has o
   exactly as timm's eval transform; `Batch.model_input(device)` normalises on `device`
   (bit-identical to timm's float32 output);
 - `"device"`: no resize on the host: `Batch.originals` holds each image as decoded, uint8
-  [3, h, w] RGB (PIL's decode and `convert("RGB")`, as timm's); with `jpeg_bytes=True` a
+  [3, h, w] RGB (JPEGs by libjpeg-turbo through torchvision, the same pixels as PIL's decode
+  and `convert("RGB")`; other formats by PIL, as timm's); with `jpeg_bytes=True` a
   JPEG in RGB or grey is passed as its bytes instead, undecoded (its size read from the
   header; for nvJPEG on CUDA), other images decoded as before. `Batch.model_input(device)`
   resizes, crops and normalises them on the device
@@ -345,14 +346,15 @@ def _image_input(data: bytes, geometry: EvalGeometry, transform: str, jpeg_bytes
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             if header.format == "JPEG" and header.mode in ("RGB", "L"):
                 return data, (header.height, header.width)
-    image = decode_image(data)
-    size = (image.height, image.width)
     if transform == "timm":
-        return geometry.image_pixels(image), size  # [H, W, 3] uint8
-    pixels = np.asarray(image)  # [h, w, 3] uint8, read-only (PIL's bytes): the tensor is never written
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(pixels).permute(2, 0, 1), size  # [3, h, w] uint8 view
+        image = decode_image(data)
+        return geometry.image_pixels(image), (image.height, image.width)  # [H, W, 3] uint8
+    from vitlens.data.device_transform import decode_images  # the device transform only
+
+    # libjpeg-turbo straight into a [3, h, w] tensor (PIL's pixels exactly, without PIL's copy;
+    # PIL for other formats and for JPEGs it refuses)
+    [pixels] = decode_images([data], "cpu")
+    return pixels, (pixels.shape[1], pixels.shape[2])
 
 
 def _decode_sample(
