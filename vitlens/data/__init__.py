@@ -7,8 +7,11 @@ Modules (import them directly; this package re-exports nothing, to keep imports 
 - `imagenet_s` — the ImageNet-S converter; `shapes` / `shapes_samples` — the embedded set.
 - `geometry` — `EvalGeometry`: timm's eval resize/crop for images and masks alike.
 - `token_labels` — the ONE token-label rule (METHOD §5).
-- `reader` — `iter_shard_batches` / `iter_batches`: streaming, per shard, explicit lists;
-  `ShardReadError` for a shard that does not read to its end or match its manifest.
+- `shard_stream` — `iter_shard_samples`: one shard's raw samples, read once (sha256 while
+  streaming); `ShardReadError` for a shard that does not read to its end or match its manifest.
+- `reader` — `iter_shard_batches` / `iter_batches`: decoded batches, per shard, explicit lists;
+  `loader.shard_batches` the same over DataLoader workers.
+- `device_transform` — `[data] transform = "device"`: resize / crop / normalise (and nvJPEG) on the device.
 - `class_names` — the ONE definition of the ImageNet-1k class names.
 No models, no Ray.
 """
